@@ -1,0 +1,234 @@
+"""The default configuration (every field documented) and its validation.
+
+Config files in `configs/` start from `default_config()` and change what they need. Every field can be
+overridden on the command line: `--config.train.steps=100`.
+"""
+
+import ml_collections
+
+# Logical parameter/activation axis -> mesh axis (or None = replicated). Model code names only the logical
+# axes; this table is the whole sharding strategy. A dimension that a mesh axis does not divide is replicated.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("context", None),
+)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """GPT-2 small (124M) trained on the built-in offline corpus; other configs override this."""
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  # Transformer depth (number of blocks).
+  m.n_layer = 12
+  # Attention heads per block; n_embd must be a multiple of it.
+  m.n_head = 12
+  # Residual stream width.
+  m.n_embd = 768
+  # Context length in tokens (learned position embeddings of this size).
+  m.block_size = 1024
+  # Model vocabulary; 0 = the tokenizer's vocabulary rounded up to vocab_multiple.
+  m.vocab_size = 0
+  # Pad the vocabulary to a multiple of this (128 keeps the LM-head matmul aligned); padded ids are never data.
+  m.vocab_multiple = 128
+  # Biases in linear layers and LayerNorms (GPT-2: True).
+  m.bias = True
+  # Dropout on embeddings, attention output and MLP output during training.
+  m.dropout = 0.0
+  # LayerNorm epsilon (GPT-2: 1e-5).
+  m.ln_eps = 1e-5
+  # Activation/matmul dtype: 'float32' (CPU) or 'bfloat16' (TPU/GPU). Master weights are always float32.
+  m.dtype = "float32"
+  # Attention kernel for jax.nn.dot_product_attention: 'xla' (any backend), 'cudnn' (NVIDIA GPUs), or
+  # 'causal_blocks' (XLA, skips fully masked key blocks: faster for long contexts on CPU).
+  m.attention = "xla"
+  # Run the blocks with lax.scan over stacked weights (fast compiles); False = Python loop.
+  m.scan_layers = True
+  # Rematerialisation of each block in the backward pass: 'none', 'full', or 'dots' (save matmul outputs).
+  m.remat = "none"
+
+  c.data = d = ml_collections.ConfigDict()
+  # Training text: a file, a directory or a glob; '' = the built-in offline corpus (Python's own docs).
+  d.path = ""
+  # Tokenizer: 'bpe' or 'unigram' (SentencePiece trained on the corpus) or 'char' (one id per character).
+  d.tokenizer = "bpe"
+  # Tokenizer vocabulary size to train (ignored for 'char').
+  d.vocab_size = 8192
+  # Fraction of the corpus held out for validation (the last documents, or the tail of a single document).
+  d.val_fraction = 0.1
+  # Where tokenizers and token files are cached; '' = <workdir>/data.
+  d.cache_dir = ""
+  # Grain worker processes for batch assembly (0 = in the main process).
+  d.num_workers = 0
+
+  c.train = t = ml_collections.ConfigDict()
+  # Optimizer steps to run.
+  t.steps = 5000
+  # Global batch in sequences per optimizer step (across all devices and micro-batches).
+  t.batch_size = 512
+  # Sequences per data-parallel shard per micro-batch; 0 = no gradient accumulation. Accumulation steps =
+  # batch_size / (micro_batch_size * data-parallel degree).
+  t.micro_batch_size = 0
+  # Peak learning rate after warmup.
+  t.learning_rate = 6e-4
+  # Learning rate at the end of the cosine decay.
+  t.min_learning_rate = 6e-5
+  # Linear warmup steps.
+  t.warmup_steps = 700
+  # Cosine decay length in steps; 0 = train.steps.
+  t.decay_steps = 0
+  # AdamW moments.
+  t.b1 = 0.9
+  t.b2 = 0.95
+  # Decoupled weight decay, applied to matrices only (not biases, LayerNorms or embeddings).
+  t.weight_decay = 0.1
+  # Global-norm gradient clipping; 0 disables.
+  t.grad_clip = 1.0
+  # Seed for initialisation, data order and dropout.
+  t.seed = 0
+  # Validate every this many steps (and at the end); 0 = only at the end.
+  t.eval_every = 500
+  # Validation batches per evaluation (each of batch_size sequences).
+  t.eval_batches = 20
+  # Wall-clock limit in seconds (0 = none): stop cleanly when exceeded, as on Ctrl-C.
+  t.max_seconds = 0.0
+
+  c.mesh = mesh = ml_collections.ConfigDict()
+  # Device-mesh degrees; their product must equal the device count. -1 = all remaining devices.
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  # Logical-axis -> mesh-axis rules (see DEFAULT_RULES).
+  mesh.rules = DEFAULT_RULES
+
+  c.checkpoint = ck = ml_collections.ConfigDict()
+  # Save every this many steps; 0 = only at the end.
+  ck.every_steps = 1000
+  # How many recent checkpoints to keep.
+  ck.keep = 3
+
+  c.log = lg = ml_collections.ConfigDict()
+  # Log training metrics every this many steps.
+  lg.every_steps = 10
+  # Write TensorBoard event files next to metrics.jsonl.
+  lg.tensorboard = True
+  # Log to Weights & Biases (needs `pip install wandb`).
+  lg.wandb = False
+  lg.wandb_project = "gptjax"
+  # Samples printed at the end of training, and tokens per sample.
+  lg.samples = 3
+  lg.sample_tokens = 200
+  # Prompt for the end-of-training samples ('' = start from end-of-text).
+  lg.sample_prompt = ""
+  return c
+
+
+class ConfigError(ValueError):
+  """A configuration value that cannot work; the message names the field and the fix."""
+
+
+def mesh_shape(config, n_devices: int) -> tuple[int, int, int]:
+  """Resolves -1 degrees of (data, fsdp, tensor) against the device count."""
+  degrees = [int(config.mesh[a]) for a in MESH_AXES]
+  free = [i for i, d in enumerate(degrees) if d == -1]
+  if len(free) > 1:
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, degrees))}: at most one degree may be -1 (the rest).")
+  for a, d in zip(MESH_AXES, degrees):
+    if d == 0 or d < -1:
+      raise ConfigError(f"mesh.{a}={d}: degrees must be positive, or -1 for the remaining devices.")
+  fixed = 1
+  for d in degrees:
+    fixed *= d if d > 0 else 1
+  if free:
+    if n_devices % fixed:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, degrees))}: {n_devices} devices are not divisible by the "
+                        f"fixed degrees' product {fixed}; choose degrees that divide {n_devices}.")
+    degrees[free[0]] = n_devices // fixed
+  elif fixed != n_devices:
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, degrees))} needs {fixed} devices but {n_devices} are present; "
+                      f"set one degree to -1 or make their product {n_devices}.")
+  return tuple(degrees)
+
+
+def grad_accum_steps(config, n_devices: int) -> int:
+  """Micro-batches per optimizer step: batch_size / (micro_batch_size * data-parallel degree)."""
+  data, fsdp, _ = mesh_shape(config, n_devices)
+  dp = data * fsdp
+  micro = config.train.micro_batch_size or config.train.batch_size // dp
+  return config.train.batch_size // (micro * dp)
+
+
+def validate(config, n_devices: int) -> None:
+  """Raises ConfigError naming the field and the fix for any setting that cannot work."""
+  m, t = config.model, config.train
+  for name in ("n_layer", "n_head", "n_embd", "block_size"):
+    if m[name] <= 0:
+      raise ConfigError(f"model.{name}={m[name]} must be positive.")
+  if m.n_embd % m.n_head:
+    raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+                      f"choose n_head among the divisors of {m.n_embd}.")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1).")
+  if m.dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"model.dtype={m.dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
+  if m.attention not in ("xla", "cudnn", "causal_blocks"):
+    raise ConfigError(f"model.attention={m.attention!r}: use 'xla', 'cudnn' (NVIDIA GPU) or 'causal_blocks'.")
+  if m.remat not in ("none", "full", "dots"):
+    raise ConfigError(f"model.remat={m.remat!r}: use 'none', 'full' or 'dots'.")
+  if m.vocab_multiple <= 0:
+    raise ConfigError(f"model.vocab_multiple={m.vocab_multiple} must be positive (1 = no padding).")
+  if config.data.tokenizer not in ("bpe", "unigram", "char"):
+    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r}: use 'bpe', 'unigram' or 'char'.")
+  if not 0.0 < config.data.val_fraction < 1.0:
+    raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1).")
+  if t.steps <= 0 or t.batch_size <= 0:
+    raise ConfigError(f"train.steps={t.steps} and train.batch_size={t.batch_size} must be positive.")
+  if t.warmup_steps < 0 or t.learning_rate <= 0 or t.min_learning_rate < 0:
+    raise ConfigError("train.warmup_steps, train.learning_rate and train.min_learning_rate must be >= 0 "
+                      "(learning_rate > 0).")
+  data, fsdp, _ = mesh_shape(config, n_devices)
+  dp = data * fsdp
+  micro = t.micro_batch_size or t.batch_size // max(dp, 1)
+  if t.micro_batch_size < 0 or micro <= 0 or t.batch_size % (micro * dp):
+    raise ConfigError(
+        f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size ({micro}) x the "
+        f"data-parallel degree mesh.data*mesh.fsdp={dp}; pick batch_size as a multiple of {micro * dp}.")
+
+
+def check_vocab(config, tokenizer_vocab: int) -> int:
+  """The model vocabulary for a tokenizer: explicit, or the tokenizer's rounded up to vocab_multiple."""
+  m = config.model
+  if m.vocab_size == 0:
+    return -(-tokenizer_vocab // m.vocab_multiple) * m.vocab_multiple
+  if tokenizer_vocab > m.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size={m.vocab_size}; set "
+                      f"model.vocab_size >= {tokenizer_vocab} (or 0 to follow the tokenizer).")
+  return m.vocab_size
+
+
+# (n_layer, n_head, n_embd, peak learning rate, micro-batch per data-parallel shard) of the GPT-2 family.
+GPT2_SIZES = {
+    "small": (12, 12, 768, 6e-4, 16),
+    "medium": (24, 16, 1024, 3e-4, 8),
+    "large": (36, 20, 1280, 2.5e-4, 8),
+    "xl": (48, 25, 1600, 2e-4, 4),
+}
+
+
+def gpt2_config(size: str) -> ml_collections.ConfigDict:
+  """GPT-2 `size` with its real shape: context 1024, vocab 50257 padded to 50304, ~0.5M tokens per step."""
+  n_layer, n_head, n_embd, lr, micro = GPT2_SIZES[size]
+  c = default_config()
+  c.model.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_multiple=128)
+  c.data.vocab_size = 50257
+  c.train.update(steps=19073, batch_size=512, micro_batch_size=micro, learning_rate=lr, min_learning_rate=lr / 10,
+                 warmup_steps=715, weight_decay=0.1, eval_every=250)
+  return c

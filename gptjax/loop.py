@@ -1,0 +1,167 @@
+"""The training loop: data, sharded state, jitted steps, metrics, validation, checkpoints, samples."""
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from gptjax import checkpoint, config as config_lib, generate, metrics, sharding, train
+from gptjax.data import pipeline, prepare
+from gptjax.model import GPTConfig, count_params, flops_per_token
+
+
+class StopFlag:
+  """Set by SIGINT/SIGTERM (e.g. a TPU preemption notice); the loop stops after the current step."""
+
+  def __init__(self):
+    self.reason = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    if self.reason is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C means "now"
+    self.reason = signal.Signals(signum).name
+    logging.warning("%s received: stopping after the current step (Ctrl-C again to abort).", self.reason)
+
+
+@dataclasses.dataclass
+class RunInfo:
+  """What a finished run hands back (for tests, notebooks and benchmarks)."""
+  step: int
+  train_loss: float
+  val_loss: float
+  stopped_by: str | None
+  samples: list[str]
+
+
+def log(msg: str, *args) -> None:
+  if jax.process_index() == 0:
+    print(msg % args if args else msg, flush=True)
+
+
+def run(config, workdir: str) -> RunInfo:
+  """Trains `config` in `workdir`: the whole pretraining job of `python -m gptjax.main`."""
+  start_time = time.time()
+  n_devices = jax.device_count()
+  config_lib.validate(config, n_devices)
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+
+  data = prepare.prepare(config, workdir)
+  vocab = config_lib.check_vocab(config, data.tokenizer.vocab_size)
+  model_cfg = GPTConfig.from_config(config.model, vocab)
+  mesh = sharding.make_mesh(config)
+  accum = config_lib.grad_accum_steps(config, n_devices)
+  seq = model_cfg.block_size
+
+  tx = train.make_optimizer(config)
+  graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
+  mngr = checkpoint.manager(workdir, config.checkpoint.keep)
+  checkpoint.copy_tokenizer(data.tokenizer, workdir)
+  if mngr.latest_step() is not None:
+    step = mngr.latest_step()
+    log("resuming from the checkpoint at step %d", step)
+    state = checkpoint.restore_state(mngr, step, shardings, state)
+  first_step = int(state["step"])
+
+  n_params = count_params(state["params"])
+  flops_tok = flops_per_token(model_cfg, count_params(state["params"], exclude_position=True), seq)
+  tokens_per_step = t.batch_size * seq
+  peak_flops, peak_source = metrics.peak_flops_per_device()
+  log("devices: %d x %s (%d processes) | mesh %s", n_devices, jax.devices()[0].device_kind,
+      jax.process_count(), dict(mesh.shape))
+  log("model: %s parameters | vocab %d (tokenizer %d, %s) | context %d", metrics.format_count(n_params), vocab,
+      data.tokenizer.vocab_size, data.tokenizer.kind, seq)
+  log("data: %s train tokens, %s val tokens | %s tokens/step (batch %d x %d, %d micro-batches) | "
+      "%s FLOPs/token | peak %s FLOP/s/device (%s)", metrics.format_count(data.train_tokens),
+      metrics.format_count(data.val_tokens), metrics.format_count(tokens_per_step), t.batch_size, seq, accum,
+      metrics.format_count(flops_tok), metrics.format_count(peak_flops), peak_source)
+
+  local_batch = t.batch_size // jax.process_count()
+  batches = pipeline.train_batches(data.train_path, seq, local_batch, t.seed, jax.process_index(),
+                                   jax.process_count(), config.data.num_workers, skip=first_step)
+  eval_data = pipeline.eval_batches(data.val_path, seq, local_batch, t.eval_batches, jax.process_index(),
+                                    jax.process_count())
+  train_step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  eval_step = train.make_eval_step(graphdef, shardings, mesh)
+  batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+  eval_sharding = sharding.batch_sharding(mesh)
+
+  def evaluate(params) -> float:
+    losses = [eval_step(params, sharding.global_batch(b, eval_sharding)) for b in eval_data]
+    return float(np.mean(jax.device_get(losses)))
+
+  writer = metrics.MetricsWriter(workdir, config, config.log.tensorboard, config.log.wandb)
+  train_loss = val_loss = float("nan")
+  step = first_step
+  window_start, window_tokens = time.perf_counter(), 0
+  bar = tqdm(total=t.steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  with StopFlag() as stop:
+    while step < t.steps and stop.reason is None:
+      local = next(batches)
+      local = local.reshape(accum, local.shape[0] // accum, local.shape[1])
+      state, step_metrics = train_step(state, sharding.global_batch(local, batch_sharding, batch_dim=1))
+      step += 1
+      window_tokens += tokens_per_step
+      bar.update(1)
+      if step % config.log.every_steps == 0 or step == t.steps or step == first_step + 1:
+        step_metrics = jax.device_get(step_metrics)
+        elapsed = time.perf_counter() - window_start
+        tokens_per_sec = window_tokens / elapsed
+        mfu = tokens_per_sec * flops_tok / (peak_flops * n_devices)
+        train_loss = float(step_metrics["train_loss"])
+        if not np.isfinite(train_loss):
+          raise FloatingPointError(f"train loss is {train_loss} at step {step}; lower train.learning_rate or "
+                                   "check the data.")
+        writer.write(step, **step_metrics, tokens_per_sec=tokens_per_sec, mfu=mfu)
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=metrics.format_count(tokens_per_sec), mfu=f"{mfu:.1%}")
+        window_start, window_tokens = time.perf_counter(), 0  # the first window holds the compile: reset
+      if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+        val_loss = evaluate(state["params"])
+        writer.write(step, val_loss=val_loss)
+        bar.write(f"step {step}: val loss {val_loss:.4f}")
+      if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+        checkpoint.save(mngr, step, state, config)
+      if t.max_seconds and time.time() - start_time > t.max_seconds:
+        stop.reason = f"train.max_seconds={t.max_seconds}"
+  bar.close()
+
+  val_loss = evaluate(state["params"])
+  writer.write(step, val_loss=val_loss)
+  log("step %d: train loss %.4f | val loss %.4f | %.1f s", step, train_loss, val_loss, time.time() - start_time)
+  if stop.reason:
+    log("stopped by %s at step %d of %d; the checkpoint below resumes the run.", stop.reason, step, t.steps)
+  checkpoint.save(mngr, step, state, config, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  samples = write_samples(config, data.tokenizer, state["params"], graphdef, vocab_limit=data.tokenizer.vocab_size)
+  return RunInfo(step, train_loss, val_loss, stop.reason, samples)
+
+
+def write_samples(config, tokenizer, params, graphdef, vocab_limit: int) -> list[str]:
+  """Prints `log.samples` continuations of `log.sample_prompt` (end-of-text when empty)."""
+  if config.log.samples <= 0:
+    return []
+  prompt = list(tokenizer.encode(config.log.sample_prompt)) or [tokenizer.eos_id]
+  ids = generate.generate(params, graphdef, prompt, config.log.samples, config.log.sample_tokens,
+                          seed=config.train.seed, vocab_limit=vocab_limit)
+  texts = [config.log.sample_prompt + tokenizer.decode(row) for row in ids]
+  for i, text in enumerate(texts):
+    log("---- sample %d ----\n%s", i, text)
+  return texts

@@ -1,0 +1,193 @@
+"""GPT-2 in Flax NNX, read top-down: attention, MLP, block, GPT; GPT-2 initialisation; FLOPs per token.
+
+Every parameter carries logical axis names in its `axes` metadata (e.g. ('embed', 'mlp')); `sharding.py`
+maps them to mesh axes. Shape suffixes: B batch, T query positions, S key positions, D n_embd, N heads,
+H head size, F MLP width, V vocabulary, L layers.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  """The model's shape and numerics; built from `config.model` by `GPTConfig.from_config`."""
+  vocab_size: int
+  n_layer: int = 12
+  n_head: int = 12
+  n_embd: int = 768
+  block_size: int = 1024
+  bias: bool = True
+  dropout: float = 0.0
+  ln_eps: float = 1e-5
+  dtype: str = "float32"
+  attention: str = "xla"
+  scan_layers: bool = True
+  remat: str = "none"
+
+  @classmethod
+  def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields})
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+
+def _normal(std):
+  return nnx.initializers.normal(stddev=std)
+
+
+def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(cfg.n_embd, epsilon=cfg.ln_eps, use_bias=cfg.bias, dtype=cfg.dtype, rngs=rngs,
+                       scale_metadata={"axes": ("embed",)}, bias_metadata={"axes": ("embed",)})
+
+
+def _param(rngs, init, shape, axes):
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention; q, k, v come out of one einsum already split into heads."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, N, H = cfg.n_embd, cfg.n_head, cfg.head_dim
+    # GPT-2 scales the init of residual-stream output projections by 1/sqrt(2 * n_layer).
+    proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    self.qkv_kernel = _param(rngs, _normal(0.02), (D, 3, N, H), ("embed", None, "heads", "head_dim"))
+    self.out_kernel = _param(rngs, _normal(proj_std), (N, H, D), ("heads", "head_dim", "embed"))
+    if cfg.bias:
+      self.qkv_bias = _param(rngs, nnx.initializers.zeros, (3, N, H), (None, "heads", "head_dim"))
+      self.out_bias = _param(rngs, nnx.initializers.zeros, (D,), ("embed",))
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dtype = x_BTD.dtype
+    qkv_BT3NH = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.qkv_kernel[...].astype(dtype))
+    if self.cfg.bias:
+      qkv_BT3NH = qkv_BT3NH + self.qkv_bias[...].astype(dtype)
+    q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
+    y_BTNH = attention.causal_attention(q_BTNH, k_BTNH, v_BTNH, self.cfg.attention)
+    y_BTD = jnp.einsum("btnh,nhd->btd", y_BTNH, self.out_kernel[...].astype(dtype))
+    if self.cfg.bias:
+      y_BTD = y_BTD + self.out_bias[...].astype(dtype)
+    return y_BTD
+
+
+class MLP(nnx.Module):
+  """Two linear layers with 4x expansion and tanh-approximated GELU (as GPT-2)."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    D, F = cfg.n_embd, 4 * cfg.n_embd
+    proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+    self.fc = nnx.Linear(D, F, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=_normal(0.02), rngs=rngs,
+                         kernel_metadata={"axes": ("embed", "mlp")}, bias_metadata={"axes": ("mlp",)})
+    self.proj = nnx.Linear(F, D, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=_normal(proj_std), rngs=rngs,
+                           kernel_metadata={"axes": ("mlp", "embed")}, bias_metadata={"axes": ("embed",)})
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    return self.proj(jax.nn.gelu(self.fc(x_BTD), approximate=True))
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    self.ln_1 = _layer_norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ln_2 = _layer_norm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, x_BTD: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+    deterministic = dropout_key is None
+    x_BTD = x_BTD + self.dropout(self.attn(self.ln_1(x_BTD)), deterministic=deterministic, rngs=rngs)
+    return x_BTD + self.dropout(self.mlp(self.ln_2(x_BTD)), deterministic=deterministic, rngs=rngs)
+
+
+_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+class GPT(nnx.Module):
+  """GPT-2: token + position embeddings, n_layer blocks, final LayerNorm, LM head tied to wte."""
+
+  def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_normal(0.02), rngs=rngs,
+                         embedding_metadata={"axes": ("vocab", "embed")})
+    self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=_normal(0.01), rngs=rngs,
+                         embedding_metadata={"axes": ("context", "embed")})
+    if cfg.scan_layers:
+      # One Block whose every parameter has a leading layer axis, run by lax.scan: compile time stays flat
+      # in depth.
+      @nnx.split_rngs(splits=cfg.n_layer)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make_blocks(rngs):
+        return Block(cfg, rngs)
+      self.blocks = make_blocks(rngs)
+      for _, var in nnx.iter_graph(self.blocks):
+        if isinstance(var, nnx.Param):
+          var.set_metadata(axes=("layers",) + var.get_metadata()["axes"])
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+    self.ln_f = _layer_norm(cfg, rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+
+  def __call__(self, tokens_BT: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Final hidden states h_BTD (after ln_f); `logits(h)` or a fused loss turns them into predictions."""
+    cfg = self.cfg
+    T = tokens_BT.shape[1]
+    if T > cfg.block_size:
+      raise ValueError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}.")
+    x_BTD = (self.wte(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype)
+    if dropout_key is not None and cfg.dropout > 0:
+      embed_key, dropout_key = jax.random.split(dropout_key)
+      x_BTD = self.dropout(x_BTD, rngs=nnx.Rngs(dropout=embed_key))
+    else:
+      dropout_key = None
+    layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layer)
+
+    def run_block(block, x_BTD, key):
+      return block(x_BTD, key)
+    if cfg.remat != "none":
+      run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
+
+    if cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def body(x_BTD, layer):
+        params, key = layer
+        return run_block(nnx.merge(graphdef, params), x_BTD, key), None
+      x_BTD, _ = jax.lax.scan(body, x_BTD, (stacked, layer_keys))
+    else:
+      for i, block in enumerate(self.blocks):
+        x_BTD = run_block(block, x_BTD, None if layer_keys is None else layer_keys[i])
+    return self.ln_f(x_BTD)
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """LM head tied to the token embedding; float32 logits over the padded vocabulary."""
+    return jnp.einsum("btd,vd->btv", h_BTD, self.wte.embedding[...].astype(h_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def count_params(state, exclude_position: bool = False) -> int:
+  """Parameters in a model state; GPT-2 convention excludes position embeddings from FLOPs counts."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if exclude_position and any(getattr(k, "key", None) == "wpe" for k in path):
+      continue
+    total += leaf.size
+  return total
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
+  """Training FLOPs per token: 6N for the matmuls (LM head included) + 12*L*T*D for attention scores."""
+  return 6 * n_params + 12 * cfg.n_layer * seq_len * cfg.n_embd

@@ -1,0 +1,67 @@
+"""Mesh from the config, logical-axis rules -> PartitionSpecs, and batch placement.
+
+Notation as in the scaling book: W[D_fsdp, F_tensor] means dimension D is split over mesh axis `fsdp` and
+F over `tensor`. Model code names only logical axes; the config's rules decide the strategy.
+"""
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax import config as config_lib
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(config, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axes (GSPMD propagates shardings through the step)."""
+  devices = jax.devices() if devices is None else devices
+  shape = config_lib.mesh_shape(config, len(devices))
+  return jax.make_mesh(shape, config_lib.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(axes, shape, rules, mesh: Mesh) -> P:
+  """PartitionSpec for a tensor with these logical axes; dims a mesh axis does not divide stay replicated."""
+  table = dict(rules)
+  used, spec = set(), []
+  for name, size in zip(axes, shape):
+    mesh_axes = table.get(name) if name is not None else None
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+    degree = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+    if mesh_axes and size % degree:
+      logging.log_first_n(logging.WARNING, "axis %s of size %d is not divisible by mesh axes %s (%d); "
+                          "replicating it", 10, name, size, mesh_axes, degree)
+      mesh_axes = ()
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return P(*spec)
+
+
+def state_shardings(abstract_state, rules, mesh: Mesh):
+  """NamedShardings for every Variable of an (abstract) nnx.State, as a pure dict of the same structure."""
+  def sharding(var):
+    axes = var.get_metadata().get("axes") or (None,) * var.ndim
+    return NamedSharding(mesh, logical_to_spec(axes, var.shape, rules, mesh))
+  shardings = jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+  """Tokens [..., B, T]: the batch dimension split over (data, fsdp), the rest replicated."""
+  spec = [None] * ndim
+  spec[batch_dim] = BATCH_AXES
+  return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: np.ndarray, sharding: NamedSharding, batch_dim: int = 0) -> jax.Array:
+  """Assembles each process's slice of the batch into one global array (multi-host safe)."""
+  global_shape = list(local_batch.shape)
+  global_shape[batch_dim] *= jax.process_count()
+  return jax.make_array_from_process_local_data(sharding, local_batch, tuple(global_shape))

@@ -1,0 +1,130 @@
+"""Train state, loss, the jitted train/eval steps, the optimizer and its schedule.
+
+The hot path is a pure function of (state, batch) under `jax.jit` with explicit shardings and a donated
+state; the NNX module is only rebuilt inside the trace (`nnx.merge`), which is ~20x cheaper to dispatch than
+`nnx.jit` (DESIGN.md, decision 1).
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from gptjax import losses, sharding
+from gptjax.model import GPT, GPTConfig
+
+TrainState = dict  # {'step': int32 scalar, 'params': pure dict, 'opt_state': optax state}
+
+
+def lr_schedule(config) -> optax.Schedule:
+  """Linear warmup to learning_rate, then cosine decay to min_learning_rate at decay_steps (as nanoGPT)."""
+  t = config.train
+  warmup, decay_steps = t.warmup_steps, max(t.decay_steps or t.steps, t.warmup_steps + 1)
+
+  def schedule(step):
+    warm = t.learning_rate * (step + 1) / (warmup + 1)
+    progress = jnp.clip((step - warmup) / (decay_steps - warmup), 0.0, 1.0)
+    cosine = t.min_learning_rate + 0.5 * (1 + jnp.cos(jnp.pi * progress)) * (t.learning_rate - t.min_learning_rate)
+    return jnp.where(step < warmup, warm, cosine)
+  return schedule
+
+
+def decay_mask(params) -> Any:
+  """Weight decay on matrices only: not on biases, LayerNorm parameters or embeddings."""
+  def is_decayed(path, leaf):
+    names = {getattr(k, "key", None) for k in path}
+    return leaf.ndim >= 2 and not names & {"wte", "wpe"}
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and the warmup-cosine schedule."""
+  t = config.train
+  adamw = optax.adamw(lr_schedule(config), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+
+
+def abstract_model(model_cfg: GPTConfig):
+  """(graphdef, abstract nnx.State) without allocating anything."""
+  return nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
+
+
+def init_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTransformation):
+  """Creates the train state directly sharded on the mesh; returns (graphdef, state, state_shardings)."""
+  graphdef, abstract = abstract_model(model_cfg)
+  param_shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
+  opt_shardings = optimizer_shardings(tx, nnx.to_pure_dict(abstract), param_shardings, mesh)
+  shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+
+  def init(seed):
+    params = nnx.to_pure_dict(nnx.state(GPT(model_cfg, nnx.Rngs(jax.random.key(seed)))))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  state = jax.jit(init, out_shardings=shardings)(config.train.seed)
+  return graphdef, state, shardings
+
+
+def optimizer_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
+  """Optimizer moments take their parameter's sharding; scalars (counts) are replicated."""
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                               transform_non_params=lambda _: sharding.replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+
+
+def loss_fn(params, graphdef, tokens_BT1: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+  """Mean next-token cross-entropy of the window tokens[:, :-1] -> tokens[:, 1:]."""
+  model = nnx.merge(graphdef, params)
+  h_BTD = model(tokens_BT1[:, :-1], dropout_key)
+  return losses.lm_cross_entropy(h_BTD, model.wte.embedding[...], tokens_BT1[:, 1:])
+
+
+def make_train_step(graphdef, tx, config, shardings, mesh: Mesh):
+  """jit(train_step)(state, batch [accum, B, T+1]) -> (state, metrics): one optimizer step over k micro-batches."""
+  seed_key = jax.random.key(config.train.seed)
+  use_dropout = config.model.dropout > 0
+  schedule = lr_schedule(config)
+
+  def train_step(state, batch_KBT1):
+    params = state["params"]
+    step_key = jax.random.fold_in(seed_key, state["step"])
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def micro_step(i, tokens_BT1):
+      key = jax.random.fold_in(step_key, i) if use_dropout else None
+      loss, grads = grad_fn(params, graphdef, tokens_BT1, key)
+      return loss, jax.lax.with_sharding_constraint(grads, shardings["params"])
+
+    accum = batch_KBT1.shape[0]
+    if accum == 1:
+      loss, grads = micro_step(0, batch_KBT1[0])
+    else:
+      def body(carry, xs):
+        loss, grads = micro_step(*xs)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch_KBT1))
+      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"])}
+    return new_state, metrics
+
+  batch_spec = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+  return jax.jit(train_step, in_shardings=(shardings, batch_spec),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(graphdef, shardings, mesh: Mesh):
+  """jit(eval_step)(params, batch [B, T+1]) -> mean loss, without dropout."""
+  return jax.jit(functools.partial(_eval_loss, graphdef=graphdef),
+                 in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def _eval_loss(params, tokens_BT1, graphdef):
+  return loss_fn(params, graphdef, tokens_BT1, None)

@@ -1,0 +1,30 @@
+"""Small configs and state builders shared by the tests."""
+
+import jax
+import numpy as np
+
+from gptjax import config as config_lib, sharding, train
+from gptjax.model import GPTConfig
+
+
+def tiny_config(n_layer=2, n_head=8, n_embd=64, block_size=16, batch_size=8, mesh=(1, 1, 1), **train_overrides):
+  """A 2-layer GPT every mesh of 8 devices divides: heads 8, width 64, vocab 128."""
+  c = config_lib.default_config()
+  c.model.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_multiple=8)
+  c.train.update(batch_size=batch_size, warmup_steps=2, steps=20, learning_rate=1e-3, **train_overrides)
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  return c
+
+
+def build(config, vocab=128, n_devices=None):
+  """(graphdef, state, shardings, mesh, tx) for `config` on its mesh over the first devices."""
+  explicit = [config.mesh[a] for a in config_lib.MESH_AXES]
+  devices = jax.devices()[:n_devices or (int(np.prod(explicit)) if -1 not in explicit else None)]
+  mesh = sharding.make_mesh(config, devices)
+  tx = train.make_optimizer(config)
+  graphdef, state, shardings = train.init_state(config, GPTConfig.from_config(config.model, vocab), mesh, tx)
+  return graphdef, state, shardings, mesh, tx
+
+
+def random_tokens(shape, vocab=128, seed=0) -> np.ndarray:
+  return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
