@@ -98,6 +98,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_every = 500
   # Validation batches per evaluation (each of batch_size sequences).
   t.eval_batches = 20
+  # Batches for the final evaluation: 0 = eval_batches, -1 = the whole validation split.
+  t.final_eval_batches = 0
   # Wall-clock limit in seconds (0 = none): stop cleanly when exceeded, as on Ctrl-C.
   t.max_seconds = 0.0
 

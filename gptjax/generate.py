@@ -17,7 +17,7 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
   if temperature == 0:
     return jnp.argmax(logits_BV, axis=-1)
   logits_BV = logits_BV / temperature
-  if top_k > 0:
+  if 0 < top_k < logits_BV.shape[-1]:
     kth_BV = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth_BV, -jnp.inf, logits_BV)
   return jax.random.categorical(key, logits_BV, axis=-1)

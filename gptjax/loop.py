@@ -10,8 +10,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, generate, metrics, sharding, train
-from gptjax.data import pipeline, prepare
+from gptjax import checkpoint, config as config_lib, data, generate, metrics, sharding, train
 from gptjax.model import GPTConfig, count_params, flops_per_token
 
 
@@ -44,6 +43,7 @@ class RunInfo:
   step: int
   train_loss: float
   val_loss: float
+  final_val_loss: float
   stopped_by: str | None
   samples: list[str]
 
@@ -61,8 +61,8 @@ def run(config, workdir: str) -> RunInfo:
   os.makedirs(workdir, exist_ok=True)
   t = config.train
 
-  data = prepare.prepare(config, workdir)
-  vocab = config_lib.check_vocab(config, data.tokenizer.vocab_size)
+  prepared = data.prepare(config, workdir)
+  vocab = config_lib.check_vocab(config, prepared.tokenizer.vocab_size)
   model_cfg = GPTConfig.from_config(config.model, vocab)
   mesh = sharding.make_mesh(config)
   accum = config_lib.grad_accum_steps(config, n_devices)
@@ -71,7 +71,7 @@ def run(config, workdir: str) -> RunInfo:
   tx = train.make_optimizer(config)
   graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
   mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-  checkpoint.copy_tokenizer(data.tokenizer, workdir)
+  checkpoint.copy_tokenizer(prepared.tokenizer, workdir)
   if mngr.latest_step() is not None:
     step = mngr.latest_step()
     log("resuming from the checkpoint at step %d", step)
@@ -85,24 +85,29 @@ def run(config, workdir: str) -> RunInfo:
   log("devices: %d x %s (%d processes) | mesh %s", n_devices, jax.devices()[0].device_kind,
       jax.process_count(), dict(mesh.shape))
   log("model: %s parameters | vocab %d (tokenizer %d, %s) | context %d", metrics.format_count(n_params), vocab,
-      data.tokenizer.vocab_size, data.tokenizer.kind, seq)
+      prepared.tokenizer.vocab_size, prepared.tokenizer.kind, seq)
   log("data: %s train tokens, %s val tokens | %s tokens/step (batch %d x %d, %d micro-batches) | "
-      "%s FLOPs/token | peak %s FLOP/s/device (%s)", metrics.format_count(data.train_tokens),
-      metrics.format_count(data.val_tokens), metrics.format_count(tokens_per_step), t.batch_size, seq, accum,
+      "%s FLOPs/token | peak %s FLOP/s/device (%s)", metrics.format_count(prepared.train_tokens),
+      metrics.format_count(prepared.val_tokens), metrics.format_count(tokens_per_step), t.batch_size, seq, accum,
       metrics.format_count(flops_tok), metrics.format_count(peak_flops), peak_source)
 
   local_batch = t.batch_size // jax.process_count()
-  batches = pipeline.train_batches(data.train_path, seq, local_batch, t.seed, jax.process_index(),
-                                   jax.process_count(), config.data.num_workers, skip=first_step)
-  eval_data = pipeline.eval_batches(data.val_path, seq, local_batch, t.eval_batches, jax.process_index(),
-                                    jax.process_count())
+  batches = data.train_batches(prepared.train_path, seq, local_batch, t.seed, jax.process_index(),
+                               jax.process_count(), config.data.num_workers)
+  eval_data = data.eval_batches(prepared.val_path, seq, local_batch, t.eval_batches, jax.process_index(),
+                                jax.process_count())
+  final_batches = t.final_eval_batches or t.eval_batches
+  if final_batches < 0:
+    final_batches = -(-(prepared.val_tokens - 1) // (seq * t.batch_size))
+  final_eval_data = data.eval_batches(prepared.val_path, seq, local_batch, final_batches, jax.process_index(),
+                                      jax.process_count())
   train_step = train.make_train_step(graphdef, tx, config, shardings, mesh)
   eval_step = train.make_eval_step(graphdef, shardings, mesh)
   batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
   eval_sharding = sharding.batch_sharding(mesh)
 
-  def evaluate(params) -> float:
-    losses = [eval_step(params, sharding.global_batch(b, eval_sharding)) for b in eval_data]
+  def evaluate(params, batches=eval_data) -> float:
+    losses = [eval_step(params, sharding.global_batch(b, eval_sharding)) for b in batches]
     return float(np.mean(jax.device_get(losses)))
 
   writer = metrics.MetricsWriter(workdir, config, config.log.tensorboard, config.log.wandb)
@@ -142,16 +147,18 @@ def run(config, workdir: str) -> RunInfo:
   bar.close()
 
   val_loss = evaluate(state["params"])
-  writer.write(step, val_loss=val_loss)
-  log("step %d: train loss %.4f | val loss %.4f | %.1f s", step, train_loss, val_loss, time.time() - start_time)
+  final_val_loss = evaluate(state["params"], final_eval_data) if final_batches != t.eval_batches else val_loss
+  writer.write(step, val_loss=val_loss, final_val_loss=final_val_loss)
+  log("step %d: train loss %.4f | val loss %.4f (%d batches), %.4f (%d batches) | %.1f s", step, train_loss,
+      val_loss, len(eval_data), final_val_loss, len(final_eval_data), time.time() - start_time)
   if stop.reason:
     log("stopped by %s at step %d of %d; the checkpoint below resumes the run.", stop.reason, step, t.steps)
   checkpoint.save(mngr, step, state, config, force=True)
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
-  samples = write_samples(config, data.tokenizer, state["params"], graphdef, vocab_limit=data.tokenizer.vocab_size)
-  return RunInfo(step, train_loss, val_loss, stop.reason, samples)
+  samples = write_samples(config, prepared.tokenizer, state["params"], graphdef, vocab_limit=prepared.tokenizer.vocab_size)
+  return RunInfo(step, train_loss, val_loss, final_val_loss, stop.reason, samples)
 
 
 def write_samples(config, tokenizer, params, graphdef, vocab_limit: int) -> list[str]:

@@ -5,7 +5,7 @@ Thin entry point: parses flags and the config, then hands over to `gptjax.loop.r
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt2_small.py.",
@@ -16,6 +16,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 
 def main(argv):
   del argv
+  if flags.FLAGS["verbosity"].using_default_value:
+    logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO; --verbosity=0 shows it
   from gptjax import loop  # after flag parsing: importing JAX early would ignore --xla flags in the env
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])

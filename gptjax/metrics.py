@@ -16,7 +16,7 @@ _PEAK_FLOPS = {
 }
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
   """Best observed FLOP/s of an n x n x n matmul on the default device: the honest ceiling on a CPU."""
   a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda a, b: a @ b)

@@ -123,7 +123,7 @@ class GPT(nnx.Module):
     self.cfg = cfg
     self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_normal(0.02), rngs=rngs,
                          embedding_metadata={"axes": ("vocab", "embed")})
-    self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=_normal(0.01), rngs=rngs,
+    self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, embedding_init=_normal(0.02), rngs=rngs,
                          embedding_metadata={"axes": ("context", "embed")})
     if cfg.scan_layers:
       # One Block whose every parameter has a leading layer axis, run by lax.scan: compile time stays flat

@@ -34,11 +34,12 @@ def lr_schedule(config) -> optax.Schedule:
 
 
 def decay_mask(params) -> Any:
-  """Weight decay on matrices only: not on biases, LayerNorm parameters or embeddings."""
-  def is_decayed(path, leaf):
-    names = {getattr(k, "key", None) for k in path}
-    return leaf.ndim >= 2 and not names & {"wte", "wpe"}
-  return jax.tree_util.tree_map_with_path(is_decayed, params)
+  """Weight decay on matmul kernels only: not on biases, LayerNorm parameters or embeddings.
+
+  Decided by name, not ndim: with scanned layers a stacked bias or LayerNorm scale is 2-D too.
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", "")).endswith("kernel"),
+                                          params)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

@@ -11,7 +11,7 @@ def tiny_config(n_layer=2, n_head=8, n_embd=64, block_size=16, batch_size=8, mes
   """A 2-layer GPT every mesh of 8 devices divides: heads 8, width 64, vocab 128."""
   c = config_lib.default_config()
   c.model.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_multiple=8)
-  c.train.update(batch_size=batch_size, warmup_steps=2, steps=20, learning_rate=1e-3, **train_overrides)
+  c.train.update({"batch_size": batch_size, "warmup_steps": 2, "steps": 20, "learning_rate": 1e-3, **train_overrides})
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   return c
 
