@@ -1,0 +1,55 @@
+"""Config validation rejects impossible settings with a message that names the field and the fix."""
+
+import pathlib
+import runpy
+
+import pytest
+
+from gptjax import config as config_lib
+from gptjax.config import ConfigError, validate
+from tests.helpers import tiny_config
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_file_validates(path):
+  config = runpy.run_path(str(path))["get_config"]()
+  validate(config, n_devices=1)
+
+
+def test_gpt2_small_has_the_real_shape():
+  config = runpy.run_path(str(CONFIGS[0].parent / "gpt2_small.py"))["get_config"]()
+  m = config.model
+  assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
+  assert config_lib.check_vocab(config, 50257) == 50304
+  assert config.train.batch_size * m.block_size == 524288
+  assert config_lib.grad_accum_steps(config, 8) == 4  # 512 / (16 x 8)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.model.update(n_embd=100, n_head=12), "n_embd=100 is not divisible by model.n_head=12"),
+    (lambda c: c.mesh.update(data=3, fsdp=1, tensor=1), "needs 3 devices but 8 are present"),
+    (lambda c: c.mesh.update(data=-1, fsdp=3, tensor=1), "not divisible by the fixed degrees' product 3"),
+    (lambda c: c.mesh.update(data=-1, fsdp=-1), "at most one degree may be -1"),
+    (lambda c: c.train.update(batch_size=12), "batch_size=12 must be a multiple"),
+    (lambda c: c.train.update(batch_size=16, micro_batch_size=3), "multiple of train.micro_batch_size"),
+    (lambda c: c.model.update(attention="flash"), "model.attention='flash'"),
+    (lambda c: c.model.update(dropout=1.0), "model.dropout=1.0"),
+    (lambda c: c.data.update(tokenizer="wordpiece"), "data.tokenizer='wordpiece'"),
+    (lambda c: c.train.update(steps=0), "train.steps=0"),
+])
+def test_validation_errors(change, message):
+  config = tiny_config(mesh=(-1, 1, 1))
+  change(config)
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    validate(config, n_devices=8)
+
+
+def test_tokenizer_larger_than_model_vocab():
+  config = tiny_config()
+  config.model.vocab_size = 256
+  with pytest.raises(ConfigError, match="tokenizer has 300 tokens but model.vocab_size=256"):
+    config_lib.check_vocab(config, 300)
+  config.model.vocab_size = 0
+  assert config_lib.check_vocab(config, 300) == 304  # rounded up to vocab_multiple=8

@@ -1,0 +1,66 @@
+"""`python -m gptjax.main` end to end in a subprocess: metrics, checkpoint, samples, clean stop on SIGINT."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.n_embd=32",
+        "--config.model.block_size=32", "--config.data.vocab_size=300", "--config.train.batch_size=8",
+        "--config.train.eval_every=10", "--config.train.eval_batches=2", "--config.log.every_steps=5",
+        "--config.log.sample_tokens=10", "--config.train.warmup_steps=5"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  path = tmp_path / "corpus.txt"
+  lines = [f"The {a} {b} jumps over the {c} dog number {i}.\n" for i, (a, b, c) in enumerate(
+      zip(["quick", "slow", "red", "lazy"] * 200, ["brown", "grey", "fox", "cat"] * 200, ["sleepy", "happy"] * 400))]
+  path.write_text("".join(lines))
+  return path
+
+
+def _main(workdir, corpus, *extra):
+  return [sys.executable, "-m", "gptjax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
+          f"--config.data.path={corpus}", *TINY, *extra]
+
+
+@pytest.mark.slow
+def test_main_trains_logs_checkpoints_and_samples(tmp_path, corpus):
+  workdir = tmp_path / "run"
+  result = subprocess.run(_main(workdir, corpus, "--config.train.steps=30"), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "devices: 8 x cpu" in result.stdout and "FLOPs/token" in result.stdout
+  assert "---- sample 0 ----" in result.stdout
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "train_loss" in r]
+  assert {"step", "train_loss", "tokens_per_sec", "mfu", "grad_norm", "learning_rate"} <= set(train_rows[-1])
+  assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
+  assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
+  assert (workdir / "checkpoints" / "30").is_dir()
+  assert list((workdir / "tensorboard").iterdir())
+  assert (workdir / "tokenizer").is_dir()
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_with_a_checkpoint(tmp_path, corpus):
+  workdir = tmp_path / "run"
+  process = subprocess.Popen(_main(workdir, corpus, "--config.train.steps=100000"), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+    time.sleep(0.5)
+  process.send_signal(signal.SIGINT)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert "stopped by SIGINT" in stdout
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
