@@ -11,8 +11,17 @@ import jax.numpy as jnp
 QUERY_BLOCK = 128
 
 
+def resolve(implementation: str, dtype) -> str:
+  """'auto' -> cuDNN's fused kernel on NVIDIA GPUs in half precision, else 'causal_blocks'."""
+  if implementation != "auto":
+    return implementation
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if jax.default_backend() == "gpu" and half else "causal_blocks"
+
+
 def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, implementation: str) -> jax.Array:
   """softmax(q k^T / sqrt(H) + causal mask) v with the chosen kernel; inputs and output are [B, T, N, H]."""
+  implementation = resolve(implementation, q_BTNH.dtype)
   if implementation == "causal_blocks":
     return _causal_blocks(q_BTNH, k_BSNH, v_BSNH)
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, implementation=implementation)

@@ -14,6 +14,9 @@ from gptjax import checkpoint, config as config_lib, data, generate, metrics, sh
 from gptjax.model import GPTConfig, count_params, flops_per_token
 
 
+ASSUMED_MFU = 0.4  # for the pre-training time estimate only; measured MFU is logged every log.every_steps
+
+
 class StopFlag:
   """Set by SIGINT/SIGTERM (e.g. a TPU preemption notice); the loop stops after the current step."""
 
@@ -90,6 +93,12 @@ def run(config, workdir: str) -> RunInfo:
       "%s FLOPs/token | peak %s FLOP/s/device (%s)", metrics.format_count(prepared.train_tokens),
       metrics.format_count(prepared.val_tokens), metrics.format_count(tokens_per_step), t.batch_size, seq, accum,
       metrics.format_count(flops_tok), metrics.format_count(peak_flops), peak_source)
+
+  # Until the first steps are measured (one GPT-2 small step takes ~30 min on a CPU) the bar has no rate.
+  estimate = tokens_per_step * flops_tok / (peak_flops * n_devices * ASSUMED_MFU)
+  log("estimate before measuring: %s/step at %.0f%% MFU -> %s for %d steps; the bar shows measured rates",
+      metrics.format_duration(estimate), 100 * ASSUMED_MFU, metrics.format_duration(estimate * (t.steps - first_step)),
+      t.steps - first_step)
 
   local_batch = t.batch_size // jax.process_count()
   batches = data.train_batches(prepared.train_path, seq, local_batch, t.seed, jax.process_index(),

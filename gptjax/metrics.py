@@ -88,6 +88,18 @@ def format_count(n: float) -> str:
   return f"{n:.3g}"
 
 
+def format_duration(seconds: float) -> str:
+  """3725 -> '1h02m', 75 -> '1m15s', 0.25 -> '0.25s'."""
+  if seconds < 60:
+    return f"{seconds:.3g}s"
+  minutes, secs = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  days, hours = divmod(hours, 24)
+  if days:
+    return f"{days}d{hours:02d}h"
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def peak_memory_bytes() -> int:
   """Peak bytes in use on device 0 when the backend reports it, else this process's peak RSS."""
   stats = jax.devices()[0].memory_stats() or {}

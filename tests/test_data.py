@@ -80,9 +80,11 @@ def test_tokenizer_cache_hit_does_not_retrain(tmp_path, monkeypatch):
   assert data.train_tokenizer(docs, "bpe", 320, str(tmp_path)).fingerprint == first.fingerprint
 
 
-def test_tokenizer_vocab_too_large_for_corpus(tmp_path):
-  with pytest.raises(data.DataError, match="data.vocab_size=50000"):
-    data.train_tokenizer(["a tiny corpus"] * 3, "bpe", 50000, str(tmp_path))
+def test_tokenizer_vocab_too_large_for_corpus_is_capped_with_a_warning(tmp_path, caplog):
+  tok = data.train_tokenizer(["a tiny corpus"] * 3, "bpe", 50000, str(tmp_path))
+  assert 256 < tok.vocab_size < 50000  # byte fallback pieces plus what the corpus supports
+  assert "requested data.vocab_size=50000" in caplog.text
+  assert tok.decode(tok.encode("a tiny corpus, and unseen text")) == "a tiny corpus, and unseen text"
 
 
 def test_builtin_documents():

@@ -85,6 +85,7 @@ class SentencePieceTokenizer(Tokenizer):
           model_writer=model,
           model_type=kind,
           vocab_size=vocab_size,
+          hard_vocab_limit=False,  # a small corpus yields fewer tokens (warned below) rather than an error
           # Exact round-trips: no normalisation, whitespace kept as is, bytes for unseen characters.
           normalization_rule_name="identity",
           add_dummy_prefix=False,
@@ -103,7 +104,12 @@ class SentencePieceTokenizer(Tokenizer):
     except RuntimeError as e:
       raise DataError(f"SentencePiece cannot train a {kind} tokenizer with data.vocab_size={vocab_size} on this "
                       f"corpus of {total} characters ({e}); choose a data.vocab_size it allows, or add text.") from e
-    return cls(kind, model.getvalue())
+    tokenizer = cls(kind, model.getvalue())
+    if tokenizer.vocab_size < vocab_size:
+      logging.warning("The corpus (%d characters) supports only %d of the requested data.vocab_size=%d %s "
+                      "tokens; using %d. Add text for a larger vocabulary.", total, tokenizer.vocab_size, vocab_size,
+                      kind, tokenizer.vocab_size)
+    return tokenizer
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     parts = [text.split(_SPACE) for text in texts]
