@@ -9,7 +9,7 @@ from gptjax.config import default_config
 def get_config(arg=None):
   del arg
   c = default_config()
-  c.model.update(n_layer=4, n_head=4, n_embd=192, block_size=128, vocab_multiple=64)
+  c.model.update(n_layer=4, n_head=4, n_embd=192, block_size=128, vocab_multiple=64, scan_layers=False)
   c.data.update(path="", tokenizer="bpe", vocab_size=4096)
   c.train.update(steps=600, batch_size=16, learning_rate=2e-3, min_learning_rate=2e-4, warmup_steps=50,
                  b2=0.99, eval_every=200, eval_batches=10)

@@ -91,3 +91,24 @@ def test_parameter_count_and_flops_of_gpt2_small():
 def test_sequence_longer_than_context_is_rejected():
   with pytest.raises(ValueError, match="exceeds the model's block_size 64"):
     _model()(jnp.zeros((1, 65), jnp.int32))
+
+
+def _reference_cross_entropy(h, wte, targets):
+  import optax
+  logits = jnp.einsum("btd,vd->btv", h.astype(jnp.float32), wte)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_fused_cross_entropy_and_its_gradients_equal_the_reference(dtype, atol):
+  from gptjax import losses
+  h = jax.random.normal(jax.random.key(0), (2, 5, 16)).astype(dtype)
+  wte = jax.random.normal(jax.random.key(1), (40, 16)) * 0.5
+  targets = jax.random.randint(jax.random.key(2), (2, 5), 0, 40)
+  loss, (dh, dwte) = jax.value_and_grad(losses.lm_cross_entropy, argnums=(0, 1))(h, wte, targets)
+  ref, (ref_dh, ref_dwte) = jax.value_and_grad(_reference_cross_entropy, argnums=(0, 1))(
+      h.astype(jnp.float32), wte, targets)
+  np.testing.assert_allclose(loss, ref, rtol=atol)
+  assert dh.dtype == dtype and dwte.dtype == jnp.float32
+  np.testing.assert_allclose(dh.astype(jnp.float32), ref_dh, atol=atol * 0.1)
+  np.testing.assert_allclose(dwte, ref_dwte, atol=atol * 0.1)
