@@ -1,41 +1,235 @@
-"""Orbax checkpoints in <workdir>/checkpoints: the train state, the config (JSON) and the tokenizer.
+"""Orbax checkpoints of a run: train state, Grain iterator state, config and tokenizer, in <workdir>/checkpoints.
 
-Restores always go through an abstract target that carries the *current* mesh's shardings, so a checkpoint
-written on one mesh loads onto another.
+Saves are asynchronous and atomic (Orbax writes into a temporary directory and renames it when complete), so a
+process killed mid-save leaves the previous checkpoints intact. Restores always go through an abstract target
+that carries the *current* mesh's shardings: a checkpoint written on one mesh loads onto any other.
 """
 
+import base64
+import dataclasses
+import json
 import os
-import shutil
+import tempfile
+import time
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers
+
+from gptjax import config as config_lib, sharding
+from gptjax.data import load_tokenizer
+from gptjax.model import GPT, GPTConfig
+
+EXPORT_MARKER = "export.json"
 
 
-def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
-  """The run's CheckpointManager (async saves, keeps the last `keep`)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                               item_names=("state", "config"))
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read; the message names it and what to do."""
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, config, force: bool = False) -> bool:
-  """Starts an async save of `state` and the config at `step`; returns whether a save was started."""
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 config=ocp.args.JsonSave(config.to_dict())), force=force)
+def manager(workdir: str, config) -> ocp.CheckpointManager:
+  """The run's CheckpointManager: keeps the last `checkpoint.keep` (and the `keep_best` lowest val losses)."""
+  ck = config.checkpoint
+  policies = [checkpoint_managers.LatestN(n=ck.keep)]
+  if ck.keep_best:
+    policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=ck.keep_best,
+                                              keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=ck.async_save, create=True,
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def restore_state(mngr: ocp.CheckpointManager, step: int, shardings, abstract_state):
-  """Restores the state saved at `step` onto `shardings` (any mesh)."""
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, config, tokenizer,
+         val_loss: float | None = None) -> None:
+  """Starts an (async) save of everything a run needs to continue exactly; returns once arrays are copied."""
+  items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()),
+               tokenizer=ocp.args.JsonSave(_tokenizer_files(tokenizer)))
+  if data_iterator is not None:
+    items["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
+  mngr.save(step, args=ocp.args.Composite(**items), force=True,
+            metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, data_iterator=None, tokenizer=None):
+  """(state, step) of the newest checkpoint that reads back, or (None, None) when there is none.
+
+  A checkpoint that fails to read (truncated or corrupt) is skipped with a warning and the previous one is
+  tried, so a run never stops on one bad file while good ones exist. With `tokenizer`, a checkpoint trained
+  with another tokenizer is refused: its token ids would mean different text.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  unreadable = []
+  for step in steps:
+    try:
+      if tokenizer is not None:
+        check_tokenizer(mngr, step, tokenizer)
+      state = restore(mngr, step, abstract_state, shardings, data_iterator)
+    except CheckpointError as e:
+      logging.warning("%s; falling back to the previous checkpoint.", e)
+      print(f"WARNING: {e}; falling back to the previous checkpoint.", flush=True)
+      unreadable.append(step)
+      continue
+    _set_aside(mngr, unreadable)
+    return state, step
+  if steps:
+    raise CheckpointError(f"none of the checkpoints {steps} in {mngr.directory} can be read; move the directory "
+                          "away to start afresh.")
+  return None, None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Renames unreadable checkpoints to corrupt-<step>-<time> (kept for inspection) so new saves can use the step."""
+  if steps and jax.process_index() == 0:
+    for step in steps:
+      source = os.path.join(str(mngr.directory), str(step))
+      target = os.path.join(str(mngr.directory), f"corrupt-{step}-{int(time.time())}")
+      os.rename(source, target)
+      print(f"WARNING: moved the unreadable checkpoint {source} to {target}", flush=True)
+  mngr.reload()
+
+
+def check_tokenizer(mngr: ocp.CheckpointManager, step: int, tokenizer) -> None:
+  """Raises ValueError when the checkpoint at `step` was trained with a different tokenizer."""
+  try:
+    saved = _tokenizer_from_files(mngr.restore(step, args=ocp.args.Composite(
+        tokenizer=ocp.args.JsonRestore()))["tokenizer"])
+  except Exception as e:
+    raise CheckpointError(f"checkpoint {mngr.directory}/{step} has no readable tokenizer ({e})") from e
+  if saved.fingerprint != tokenizer.fingerprint:
+    raise ValueError(
+        f"checkpoint {mngr.directory}/{step} was trained with tokenizer {saved.fingerprint} ({saved.kind}, "
+        f"{saved.vocab_size} tokens) but the data now gives {tokenizer.fingerprint} ({tokenizer.kind}, "
+        f"{tokenizer.vocab_size} tokens): the corpus or data.* settings changed. Restore them, or use a new "
+        "--workdir (with checkpoint.init_from only if the tokenizer is the same).")
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, data_iterator=None):
+  """The train state saved at `step`, placed by `shardings` (any mesh); also rewinds `data_iterator`."""
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return restored["state"]
+  items = dict(state=ocp.args.StandardRestore(target))
+  if data_iterator is not None:
+    items["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+  except Exception as e:  # Orbax/TensorStore raise many types for truncated or corrupt files
+    raise CheckpointError(f"checkpoint {os.path.join(str(mngr.directory), str(step))} cannot be read "
+                          f"({type(e).__name__}: {str(e)[:300]})") from e
 
 
-def copy_tokenizer(tokenizer, workdir: str) -> str:
-  """Keeps the tokenizer next to the checkpoints so a run directory is self-contained."""
-  directory = os.path.join(workdir, "tokenizer")
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready for inference: config, shapes, NNX graph, parameters, tokenizer, and its training step."""
+  config: ml_collections.ConfigDict
+  model_cfg: GPTConfig
+  graphdef: nnx.GraphDef
+  params: dict
+  tokenizer: object
+  step: int
+
+
+def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
+  """Loads parameters from a run's workdir (latest or given step) or from an exported directory."""
+  if os.path.exists(os.path.join(path, EXPORT_MARKER)):
+    return _load_export(path, mesh)
+  checkpoints = os.path.join(path, "checkpoints")
+  if not os.path.isdir(checkpoints):
+    raise CheckpointError(f"{path!r} is neither a run directory (no checkpoints/ inside) nor an exported model "
+                          f"(no {EXPORT_MARKER}); pass the --workdir of a training run or an export.")
+  mngr = ocp.CheckpointManager(os.path.abspath(checkpoints), options=ocp.CheckpointManagerOptions(create=False))
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
+    raise CheckpointError(f"{checkpoints} holds no complete checkpoint yet.")
+  meta = mngr.restore(steps[0], args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                         tokenizer=ocp.args.JsonRestore()))
+  config = ml_collections.ConfigDict(meta["config"])
+  tokenizer = _tokenizer_from_files(meta["tokenizer"])
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, tokenizer.vocab_size))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
+  mesh = mesh or _single_device_mesh(config)
+  param_shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
+  abstract_params = nnx.to_pure_dict(abstract)
+  for s in steps:
+    try:
+      target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_params,
+                            param_shardings)
+      restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": target}, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding),
+                                                            {"params": target}), partial_restore=True)))
+      return LoadedModel(config, model_cfg, graphdef, restored["state"]["params"], tokenizer, s)
+    except Exception as e:
+      logging.warning("checkpoint %s/%d cannot be read (%s); trying an older one.", checkpoints, s, e)
+  raise CheckpointError(f"no checkpoint in {checkpoints} can be read (tried steps {steps}).")
+
+
+def export(path: str, out_dir: str, dtype: str = "float32", step: int | None = None) -> str:
+  """Writes a parameters-only inference checkpoint (params in `dtype`, config, tokenizer) to out_dir."""
+  loaded = load_model(path, step=step)
+  params = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
+  out_dir = os.path.abspath(out_dir)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out_dir, "params"), params, force=True)
+  checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    if os.path.isdir(directory):
-      shutil.rmtree(directory)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      f.write(loaded.config.to_json(indent=2))
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+      json.dump(_tokenizer_files(loaded.tokenizer), f)
+    with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:  # last: marks a complete export
+      json.dump({"step": loaded.step, "dtype": dtype, "source": os.path.abspath(path)}, f, indent=2)
+  return out_dir
+
+
+def _load_export(path: str, mesh) -> LoadedModel:
+  with open(os.path.join(path, EXPORT_MARKER)) as f:
+    marker = json.load(f)
+  with open(os.path.join(path, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(os.path.join(path, "tokenizer.json")) as f:
+    tokenizer = _tokenizer_from_files(json.load(f))
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, tokenizer.vocab_size))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
+  mesh = mesh or _single_device_mesh(config)
+  shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(marker["dtype"]), sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  try:
+    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
+  except Exception as e:
+    raise CheckpointError(f"exported parameters in {path}/params cannot be read ({e}); export again.") from e
+  return LoadedModel(config, model_cfg, graphdef, params, tokenizer, marker["step"])
+
+
+def _single_device_mesh(config):
+  """A 1-device mesh for inference when the caller gives none."""
+  single = config_lib.default_config()
+  single.mesh.update(data=1, fsdp=1, tensor=1)
+  return sharding.make_mesh(single, jax.devices()[:1])
+
+
+def _grain_checkpoint():
+  import grain
+  return grain.checkpoint
+
+
+def _tokenizer_files(tokenizer) -> dict:
+  """The tokenizer's saved files as {name: base64}: a JSON item stored in every checkpoint."""
+  with tempfile.TemporaryDirectory() as directory:
     tokenizer.save(directory)
-  return directory
+    files = {}
+    for name in sorted(os.listdir(directory)):
+      with open(os.path.join(directory, name), "rb") as f:
+        files[name] = base64.b64encode(f.read()).decode("ascii")
+  return files
+
+
+def _tokenizer_from_files(files: dict):
+  with tempfile.TemporaryDirectory() as directory:
+    for name, content in files.items():
+      with open(os.path.join(directory, name), "wb") as f:
+        f.write(base64.b64decode(content))
+    return load_tokenizer(directory)

@@ -57,14 +57,31 @@ def default_config() -> ml_collections.ConfigDict:
   m.remat = "none"
 
   c.data = d = ml_collections.ConfigDict()
-  # Training text: a file, a directory or a glob; '' = the built-in offline corpus (Python's own docs).
+  # Training data: a file, a directory or a glob of text/JSONL/Parquet files or of nanoGPT/llm.c token files;
+  # 'hf:NAME[:CONFIG][@SPLIT]' = a Hugging Face dataset, streamed; '' = the built-in offline corpus (Python's docs).
   d.path = ""
-  # Tokenizer: 'bpe' or 'unigram' (SentencePiece trained on the corpus) or 'char' (one id per character).
+  # How to read data.path: 'auto' (by file suffix: .txt/.md text, .jsonl/.json JSON Lines, .parquet, .bin token
+  # files, llm.c's by their header), or 'text', 'jsonl', 'parquet', 'nanogpt', 'llmc' for every file.
+  d.format = "auto"
+  # The JSONL field / Parquet column / dataset field that holds each document's text.
+  d.text_field = "text"
+  # Read at most this many documents of each corpus (0 = all), e.g. to take a slice of a huge streamed dataset.
+  d.max_documents = 0
+  # Weighted corpora to train on instead of data.path: 'path1:0.7,path2:0.3' (each a data.path; '' = none).
+  d.mixture = ""
+  # Tokenizer: 'bpe' or 'unigram' (SentencePiece trained on the corpus), 'char' (one id per character), or
+  # 'gpt2' (GPT-2's byte-level BPE from data.tokenizer_path).
   d.tokenizer = "bpe"
-  # Tokenizer vocabulary size to train (ignored for 'char').
+  # A directory to load the tokenizer from instead of training one: GPT-2's vocab.json + merges.txt, or a saved
+  # tokenizer (a run's tokenizer/). Needed for token files, whose ids only their own tokenizer can read.
+  d.tokenizer_path = ""
+  # Tokenizer vocabulary size to train (ignored for 'char' and loaded tokenizers).
   d.vocab_size = 8192
-  # Fraction of the corpus held out for validation (the last documents, or the tail of a single document).
+  # Fraction of the documents held out for validation (every 1/val_fraction-th document; the tail of each document
+  # when there are fewer than 10; the last tokens of token files, cut at an end-of-text).
   d.val_fraction = 0.1
+  # Validation data with the same syntax as data.path; '' = split data.val_fraction off the training data.
+  d.val_path = ""
   # Where tokenizers and token files are cached; '' = <workdir>/data.
   d.cache_dir = ""
   # Grain worker processes for batch assembly (0 = in the main process).
@@ -103,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.final_eval_batches = 0
   # Wall-clock limit in seconds (0 = none): stop cleanly when exceeded, as on Ctrl-C.
   t.max_seconds = 0.0
+  # On a NaN/Inf loss or gradient: 'skip' the update (counted as skipped_steps in the metrics) or 'stop' the
+  # run with a checkpoint of the last good parameters.
+  t.nonfinite = "stop"
 
   c.mesh = mesh = ml_collections.ConfigDict()
   # Device-mesh degrees; their product must equal the device count. -1 = all remaining devices.
@@ -113,10 +133,17 @@ def default_config() -> ml_collections.ConfigDict:
   mesh.rules = DEFAULT_RULES
 
   c.checkpoint = ck = ml_collections.ConfigDict()
-  # Save every this many steps; 0 = only at the end.
+  # Save every this many steps (and always at the end, on SIGTERM/SIGINT, and on a non-finite stop); 0 = only then.
   ck.every_steps = 1000
   # How many recent checkpoints to keep.
   ck.keep = 3
+  # Also keep this many checkpoints with the lowest validation loss (0 = none).
+  ck.keep_best = 0
+  # Write checkpoints in a background thread (training continues once arrays are copied to host memory).
+  ck.async_save = True
+  # Start a new run from these weights (a run's workdir or an exported model); ignored when the workdir
+  # already has checkpoints, which are resumed instead.
+  ck.init_from = ""
 
   c.log = lg = ml_collections.ConfigDict()
   # Log training metrics every this many steps.
@@ -189,10 +216,30 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError(f"model.remat={m.remat!r}: use 'none', 'full' or 'dots'.")
   if m.vocab_multiple <= 0:
     raise ConfigError(f"model.vocab_multiple={m.vocab_multiple} must be positive (1 = no padding).")
-  if config.data.tokenizer not in ("bpe", "unigram", "char"):
-    raise ConfigError(f"data.tokenizer={config.data.tokenizer!r}: use 'bpe', 'unigram' or 'char'.")
-  if not 0.0 < config.data.val_fraction < 1.0:
-    raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1).")
+  d = config.data
+  if d.tokenizer not in ("bpe", "unigram", "char", "gpt2"):
+    raise ConfigError(f"data.tokenizer={d.tokenizer!r}: use 'bpe', 'unigram', 'char' or 'gpt2'.")
+  if d.tokenizer == "gpt2" and not d.tokenizer_path:
+    raise ConfigError("data.tokenizer='gpt2' is loaded, not trained: set data.tokenizer_path to a directory with "
+                      "GPT-2's vocab.json and merges.txt.")
+  if d.format not in ("auto", "text", "jsonl", "parquet", "nanogpt", "llmc"):
+    raise ConfigError(f"data.format={d.format!r}: use 'auto', 'text', 'jsonl', 'parquet', 'nanogpt' or 'llmc'.")
+  if not d.text_field:
+    raise ConfigError("data.text_field is empty: name the JSONL field or Parquet column that holds the text.")
+  if d.max_documents < 0:
+    raise ConfigError(f"data.max_documents={d.max_documents} must be >= 0 (0 = all).")
+  if d.mixture and d.path:
+    raise ConfigError(f"data.mixture={d.mixture!r} replaces data.path={d.path!r}: set data.path='' (or clear "
+                      "data.mixture).")
+  if not 0.0 < d.val_fraction < 1.0:
+    raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1).")
+  if d.num_workers < 0:
+    raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0 (0 = batches assembled in this process).")
+  if t.nonfinite not in ("skip", "stop"):
+    raise ConfigError(f"train.nonfinite={t.nonfinite!r}: use 'skip' or 'stop'.")
+  if config.checkpoint.keep <= 0 or config.checkpoint.keep_best < 0:
+    raise ConfigError(f"checkpoint.keep={config.checkpoint.keep} must be >= 1 and checkpoint.keep_best="
+                      f"{config.checkpoint.keep_best} >= 0.")
   if t.steps <= 0 or t.batch_size <= 0:
     raise ConfigError(f"train.steps={t.steps} and train.batch_size={t.batch_size} must be positive.")
   if t.warmup_steps < 0 or t.learning_rate <= 0 or t.min_learning_rate < 0:

@@ -72,13 +72,24 @@ def run(config, workdir: str) -> RunInfo:
   seq = model_cfg.block_size
 
   tx = train.make_optimizer(config)
-  graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
-  mngr = checkpoint.manager(workdir, config.checkpoint.keep)
-  checkpoint.copy_tokenizer(prepared.tokenizer, workdir)
-  if mngr.latest_step() is not None:
-    step = mngr.latest_step()
-    log("resuming from the checkpoint at step %d", step)
-    state = checkpoint.restore_state(mngr, step, shardings, state)
+  local_batch = t.batch_size // jax.process_count()
+  batches = data.train_batches(prepared.train_path, seq, local_batch, t.seed, jax.process_index(),
+                               jax.process_count(), config.data.num_workers)
+  mngr = checkpoint.manager(workdir, config)
+  graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+  state, resumed_step = checkpoint.restore_latest(mngr, abstract, shardings, batches, prepared.tokenizer)
+  if state is not None:
+    log("resumed from %s/%d", mngr.directory, resumed_step)
+  elif config.checkpoint.init_from:
+    source = checkpoint.load_model(config.checkpoint.init_from, mesh)
+    if source.tokenizer.fingerprint != prepared.tokenizer.fingerprint:
+      raise ValueError(f"checkpoint.init_from={config.checkpoint.init_from!r} was trained with tokenizer "
+                       f"{source.tokenizer.fingerprint} but this run's data gives {prepared.tokenizer.fingerprint}; "
+                       "prepare the data with the same tokenizer as the source model.")
+    log("initialised from %s (step %d)", config.checkpoint.init_from, source.step)
+    graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx, params=source.params)
+  else:
+    graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
   first_step = int(state["step"])
 
   n_params = count_params(state["params"])
@@ -100,9 +111,6 @@ def run(config, workdir: str) -> RunInfo:
       metrics.format_duration(estimate), 100 * ASSUMED_MFU, metrics.format_duration(estimate * (t.steps - first_step)),
       t.steps - first_step)
 
-  local_batch = t.batch_size // jax.process_count()
-  batches = data.train_batches(prepared.train_path, seq, local_batch, t.seed, jax.process_index(),
-                               jax.process_count(), config.data.num_workers)
   eval_data = data.eval_batches(prepared.val_path, seq, local_batch, t.eval_batches, jax.process_index(),
                                 jax.process_count())
   final_batches = t.final_eval_batches or t.eval_batches
@@ -125,6 +133,9 @@ def run(config, workdir: str) -> RunInfo:
   window_start, window_tokens = time.perf_counter(), 0
   bar = tqdm(total=t.steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
+  def save(val_loss=None):
+    checkpoint.save(mngr, step, state, batches, config, prepared.tokenizer, val_loss)
+
   with StopFlag() as stop:
     while step < t.steps and stop.reason is None:
       local = next(batches)
@@ -133,40 +144,52 @@ def run(config, workdir: str) -> RunInfo:
       step += 1
       window_tokens += tokens_per_step
       bar.update(1)
+      if t.nonfinite == "stop" and not bool(step_metrics["finite"]):  # a per-step sync, only in this mode
+        stop.reason = "nonfinite"
+        break
       if step % config.log.every_steps == 0 or step == t.steps or step == first_step + 1:
         step_metrics = jax.device_get(step_metrics)
         elapsed = time.perf_counter() - window_start
         tokens_per_sec = window_tokens / elapsed
         mfu = tokens_per_sec * flops_tok / (peak_flops * n_devices)
-        train_loss = float(step_metrics["train_loss"])
-        if not np.isfinite(train_loss):
-          raise FloatingPointError(f"train loss is {train_loss} at step {step}; lower train.learning_rate or "
-                                   "check the data.")
-        writer.write(step, **step_metrics, tokens_per_sec=tokens_per_sec, mfu=mfu)
+        train_loss = float(step_metrics.pop("train_loss"))
+        step_metrics.pop("finite")
+        writer.write(step, train_loss=train_loss, **step_metrics, tokens_per_sec=tokens_per_sec, mfu=mfu)
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=metrics.format_count(tokens_per_sec), mfu=f"{mfu:.1%}")
         window_start, window_tokens = time.perf_counter(), 0  # the first window holds the compile: reset
-      if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+      evaluated = bool(t.eval_every and step % t.eval_every == 0 and step < t.steps)
+      if evaluated:
         val_loss = evaluate(state["params"])
         writer.write(step, val_loss=val_loss)
         bar.write(f"step {step}: val loss {val_loss:.4f}")
-      if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-        checkpoint.save(mngr, step, state, config)
+      if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < t.steps:
+        save(val_loss if evaluated else None)
       if t.max_seconds and time.time() - start_time > t.max_seconds:
         stop.reason = f"train.max_seconds={t.max_seconds}"
   bar.close()
 
+  if stop.reason == "nonfinite":
+    save()  # the step left parameters and optimizer state as they were: this is the last good state
+    mngr.wait_until_finished()
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {step} (train.nonfinite='stop'); the last good state is saved in "
+        f"{mngr.directory}/{step}. Lower train.learning_rate or check the data, then rerun to resume, or set "
+        "train.nonfinite='skip' to skip such steps.")
   val_loss = evaluate(state["params"])
   final_val_loss = evaluate(state["params"], final_eval_data) if final_batches != t.eval_batches else val_loss
   writer.write(step, val_loss=val_loss, final_val_loss=final_val_loss)
   log("step %d: train loss %.4f | val loss %.4f (%d batches), %.4f (%d batches) | %.1f s", step, train_loss,
       val_loss, len(eval_data), final_val_loss, len(final_eval_data), time.time() - start_time)
-  if stop.reason:
-    log("stopped by %s at step %d of %d; the checkpoint below resumes the run.", stop.reason, step, t.steps)
-  checkpoint.save(mngr, step, state, config, force=True)
+  if mngr.latest_step() != step:
+    save(val_loss)
   mngr.wait_until_finished()
+  if stop.reason:
+    log("stopped by %s at step %d of %d; the checkpoint %s/%d resumes it: rerun the same command.", stop.reason,
+        step, t.steps, mngr.directory, step)
   mngr.close()
   writer.close()
-  samples = write_samples(config, prepared.tokenizer, state["params"], graphdef, vocab_limit=prepared.tokenizer.vocab_size)
+  samples = write_samples(config, prepared.tokenizer, state["params"], graphdef,
+                          vocab_limit=prepared.tokenizer.vocab_size)
   return RunInfo(step, train_loss, val_loss, final_val_loss, stop.reason, samples)
 
 

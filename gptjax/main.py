@@ -4,6 +4,7 @@ Thin entry point: parses flags and the config, then hands over to `gptjax.loop.r
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,10 +15,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
                                "default runs/<config name>.")
 
 
+def quiet_libraries() -> None:
+  """Orbax logs every save at INFO, which absl shows by default under app.run; --verbosity=0 brings it back."""
+  if not any(arg.split("=")[0] in ("--verbosity", "-v", "--v") for arg in sys.argv[1:]):
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
   del argv
-  if flags.FLAGS["verbosity"].using_default_value:
-    logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO; --verbosity=0 shows it
+  quiet_libraries()
   from gptjax import loop  # after flag parsing: importing JAX early would ignore --xla flags in the env
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])

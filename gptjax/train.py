@@ -17,7 +17,13 @@ from jax.sharding import Mesh
 from gptjax import losses, sharding
 from gptjax.model import GPT, GPTConfig
 
-TrainState = dict  # {'step': int32 scalar, 'params': pure dict, 'opt_state': optax state}
+TrainState = dict  # {'step', 'skipped' (non-finite updates skipped): int32; 'params': pure dict; 'opt_state'}
+
+
+def new_state(params, tx) -> TrainState:
+  """Step 0 of a run starting from `params`."""
+  return {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": tx.init(params)}
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -54,18 +60,43 @@ def abstract_model(model_cfg: GPTConfig):
   return nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
 
 
-def init_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTransformation):
-  """Creates the train state directly sharded on the mesh; returns (graphdef, state, state_shardings)."""
+def abstract_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTransformation):
+  """(graphdef, abstract train state, its shardings on `mesh`) without allocating anything."""
   graphdef, abstract = abstract_model(model_cfg)
   param_shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
-  opt_shardings = optimizer_shardings(tx, nnx.to_pure_dict(abstract), param_shardings, mesh)
-  shardings = {"step": sharding.replicated(mesh), "params": param_shardings, "opt_state": opt_shardings}
+  abstract_params = nnx.to_pure_dict(abstract)
+  opt_shardings = optimizer_shardings(tx, abstract_params, param_shardings, mesh)
+  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh), "params": param_shardings,
+               "opt_state": opt_shardings}
+  return graphdef, jax.eval_shape(lambda p: new_state(p, tx), abstract_params), shardings
+
+
+def init_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTransformation, params=None):
+  """Creates the train state directly sharded on the mesh (from `params` if given, else GPT-2 init).
+
+  Returns (graphdef, state, state_shardings).
+  """
+  graphdef, abstract, shardings = abstract_state(config, model_cfg, mesh, tx)
+  if params is not None:
+    _check_shapes(params, abstract["params"])
+    return graphdef, jax.jit(lambda p: new_state(p, tx), out_shardings=shardings)(params), shardings
 
   def init(seed):
     params = nnx.to_pure_dict(nnx.state(GPT(model_cfg, nnx.Rngs(jax.random.key(seed)))))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-  state = jax.jit(init, out_shardings=shardings)(config.train.seed)
-  return graphdef, state, shardings
+    return new_state(params, tx)
+  return graphdef, jax.jit(init, out_shardings=shardings)(config.train.seed), shardings
+
+
+def _check_shapes(params, abstract_params) -> None:
+  expected = jax.tree_util.tree_leaves_with_path(abstract_params)
+  got = dict(jax.tree_util.tree_leaves_with_path(params))
+  for path, want in expected:
+    have = got.get(path)
+    if have is None or have.shape != want.shape:
+      name = jax.tree_util.keystr(path)
+      raise ValueError(f"initial parameters do not fit this model: {name} has shape "
+                       f"{None if have is None else have.shape}, the config's model needs {want.shape}; use the "
+                       "same model settings as the checkpoint (checkpoint.init_from).")
 
 
 def optimizer_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
@@ -109,11 +140,17 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh):
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch_KBT1))
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
-    metrics = {"train_loss": loss, "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"])}
-    return new_state, metrics
+    # A NaN/Inf loss or gradient leaves parameters and optimizer state as they were (train.nonfinite).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    updated = {"step": state["step"] + 1, "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+               "params": keep_if_finite(optax.apply_updates(params, updates), params),
+               "opt_state": keep_if_finite(opt_state, state["opt_state"])}
+    metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+               "skipped_steps": updated["skipped"], "finite": finite}
+    return updated, metrics
 
   batch_spec = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
   return jax.jit(train_step, in_shardings=(shardings, batch_spec),

@@ -46,7 +46,7 @@ def test_main_trains_logs_checkpoints_and_samples(tmp_path, corpus):
   assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
   assert (workdir / "checkpoints" / "30").is_dir()
   assert list((workdir / "tensorboard").iterdir())
-  assert (workdir / "tokenizer").is_dir()
+  assert (workdir / "checkpoints" / "30" / "tokenizer").is_dir()
 
 
 @pytest.mark.slow

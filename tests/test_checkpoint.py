@@ -1,0 +1,203 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM, corrupt checkpoints, other meshes, export, non-finite guard."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gptjax import checkpoint, config as config_lib, loop, sharding, train
+from gptjax.model import GPTConfig
+from tests.helpers import build, random_tokens, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN_FLAGS = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.n_embd=32",
+             "--config.model.block_size=16", "--config.data.vocab_size=300", "--config.train.batch_size=8",
+             "--config.train.eval_every=0", "--config.log.every_steps=1", "--config.log.samples=0",
+             "--config.checkpoint.every_steps=4", "--config.train.warmup_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  rng = np.random.RandomState(0)
+  words = "the quick brown fox jumps over a lazy dog while cats sleep on warm mats".split()
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(3000)))
+  return path
+
+
+def _command(workdir, corpus, steps):
+  return [sys.executable, "-m", "gptjax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
+          f"--config.data.path={corpus}", f"--config.train.steps={steps}", *RUN_FLAGS]
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Train loss per step; a step logged twice (before a kill and after resuming) keeps its last value."""
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+def _wait_for_step(workdir, step, process, timeout=300):
+  deadline = time.time() + timeout
+  metrics = pathlib.Path(workdir) / "metrics.jsonl"
+  while time.time() < deadline and process.poll() is None:
+    if metrics.exists() and max(_losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"the run did not reach step {step}")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, corpus):
+  steps = 40
+  reference = subprocess.run(_command(tmp_path / "ref", corpus, steps), cwd=ROOT, capture_output=True, text=True)
+  assert reference.returncode == 0, reference.stderr[-2000:]
+  killed = subprocess.Popen(_command(tmp_path / "run", corpus, steps), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  _wait_for_step(tmp_path / "run", 14, killed)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < steps, saved  # killed mid-run, after some checkpoints
+  resumed = subprocess.run(_command(tmp_path / "run", corpus, steps), cwd=ROOT, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed from" in resumed.stdout
+  assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")  # bitwise: same floats, every step
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_0(tmp_path, corpus):
+  process = subprocess.Popen(_command(tmp_path / "run", corpus, 100000), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  _wait_for_step(tmp_path / "run", 6, process)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-2000:]
+  assert "stopped by SIGTERM" in stdout
+  last = max(_losses(tmp_path / "run"))
+  assert (tmp_path / "run" / "checkpoints" / str(last) / "commit_success.txt").exists()
+
+
+def _quick_config(corpus, steps=8, **train):
+  c = config_lib.default_config()
+  c.model.update(n_layer=1, n_head=2, n_embd=32, block_size=16)
+  c.data.update(path=str(corpus), vocab_size=300)
+  c.train.update({"steps": steps, "batch_size": 8, "eval_every": 0, "warmup_steps": 2, **train})
+  c.checkpoint.every_steps = 4
+  c.log.update(samples=0, tensorboard=False)
+  return c
+
+
+def test_truncated_latest_checkpoint_is_skipped_and_named(tmp_path, corpus, capsys):
+  config = _quick_config(corpus)
+  loop.run(config, str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "8" / "state"
+  for f in step_dir.rglob("*"):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(f.read_bytes()[:50])  # a torn write
+  mngr = checkpoint.manager(str(tmp_path), config)
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, 300))
+  mesh = sharding.make_mesh(config)
+  _, abstract, shardings = train.abstract_state(config, model_cfg, mesh, train.make_optimizer(config))
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/8 cannot be read"):
+    checkpoint.restore(mngr, 8, abstract, shardings)
+  state, step = checkpoint.restore_latest(mngr, abstract, shardings)
+  assert step == 4 and int(state["step"]) == 4
+  assert "falling back to the previous checkpoint" in capsys.readouterr().out
+  # The run itself resumes from step 4 and finishes.
+  info = loop.run(_quick_config(corpus, steps=10), str(tmp_path))
+  assert info.step == 10
+
+
+def test_resume_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_path, corpus):
+  loop.run(_quick_config(corpus, steps=4), str(tmp_path))
+  other = _quick_config(corpus, steps=6)
+  other.data.vocab_size = 290
+  other.model.vocab_size = 320
+  with pytest.raises(ValueError, match="was trained with tokenizer"):
+    loop.run(other, str(tmp_path))
+
+
+@pytest.mark.parametrize("target_mesh, n_devices", [((8, 1, 1), 8), ((1, 1, 8), 8), ((2, 2, 1), 4), ((1, 1, 1), 1)])
+def test_restore_on_another_mesh(tmp_path, target_mesh, n_devices):
+  source_config = tiny_config(mesh=(2, 2, 2))
+  graphdef, state, shardings, mesh, tx = build(source_config)
+  step = train.make_train_step(graphdef, tx, source_config, shardings, mesh)
+  batch = sharding.global_batch(random_tokens((1, 8, 17)), sharding.batch_sharding(mesh, 3, 1), batch_dim=1)
+  state, _ = step(state, batch)
+  saved = jax.device_get(state)
+  mngr = checkpoint.manager(str(tmp_path), source_config)
+  mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  mngr.wait_until_finished()
+
+  config = tiny_config(mesh=target_mesh)
+  target = sharding.make_mesh(config, jax.devices()[:n_devices])
+  tx = train.make_optimizer(config)
+  graphdef, abstract, new_shardings = train.abstract_state(config, GPTConfig.from_config(config.model, 128),
+                                                           target, tx)
+  restored = checkpoint.restore(mngr, 1, abstract, new_shardings)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+  jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"),
+               restored, new_shardings)
+  new_step = train.make_train_step(graphdef, tx, config, new_shardings, target)
+  batch = sharding.global_batch(random_tokens((1, 8, 17), seed=1), sharding.batch_sharding(target, 3, 1),
+                                batch_dim=1)
+  after, metrics = new_step(restored, batch)
+  assert int(after["step"]) == 2 and np.isfinite(float(metrics["train_loss"]))
+
+
+def test_export_and_init_from(tmp_path, corpus):
+  run = tmp_path / "run"
+  loop.run(_quick_config(corpus, steps=4), str(run))
+  loaded = checkpoint.load_model(str(run))
+  exported = checkpoint.load_model(checkpoint.export(str(run), str(tmp_path / "export"), dtype="bfloat16"))
+  assert loaded.step == exported.step == 4
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32).astype(jax.numpy.bfloat16),
+                                                          b), loaded.params, exported.params)
+  assert exported.tokenizer.fingerprint == loaded.tokenizer.fingerprint
+  # init_from starts a fresh run (step 0, new optimizer) from the exported weights.
+  config = _quick_config(corpus, steps=1, learning_rate=1e-12, warmup_steps=0)
+  config.checkpoint.init_from = str(run)
+  fine = tmp_path / "fine"
+  loop.run(config, str(fine))
+  tuned = checkpoint.load_model(str(fine))
+  assert tuned.step == 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned.params, loaded.params)
+
+
+def test_nonfinite_skip_leaves_the_state_unchanged():
+  config = tiny_config(nonfinite="skip")
+  graphdef, state, shardings, mesh, tx = build(config)
+  poisoned = jax.tree.map(np.array, jax.device_get(state))
+  poisoned["params"]["wte"]["embedding"][0, 0] = np.nan
+  poisoned = jax.device_put(poisoned, shardings)
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  tokens = random_tokens((1, 8, 17))
+  tokens[0, 0, 0] = 0  # the NaN embedding row is read
+  before = jax.device_get(poisoned)
+  after, metrics = step(poisoned, sharding.global_batch(tokens, sharding.batch_sharding(mesh, 3, 1), batch_dim=1))
+  assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1 and int(after["step"]) == 1
+  after = jax.device_get(after)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after["params"], before["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after["opt_state"], before["opt_state"])
+
+
+def test_nonfinite_stop_saves_the_last_good_state(tmp_path, corpus):
+  config = _quick_config(corpus, steps=50, learning_rate=1e12, warmup_steps=0, grad_clip=0.0)
+  with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
+    loop.run(config, str(tmp_path))
+  loaded = checkpoint.load_model(str(tmp_path))
+  assert 0 < loaded.step < 50
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(loaded.params))
+
+
+def test_load_model_errors(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="neither a run directory"):
+    checkpoint.load_model(str(tmp_path))
