@@ -201,3 +201,22 @@ def test_nonfinite_stop_saves_the_last_good_state(tmp_path, corpus):
 def test_load_model_errors(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="neither a run directory"):
     checkpoint.load_model(str(tmp_path))
+
+
+def test_async_save_is_not_corrupted_by_the_steps_that_follow(tmp_path):
+  """The next steps donate the state's buffers while Orbax still writes them in the background."""
+  config = tiny_config(n_layer=4, n_embd=256)
+  graphdef, state, shardings, mesh, tx = build(config, vocab=4096)
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  batch = sharding.global_batch(random_tokens((1, 8, 17), vocab=4096), sharding.batch_sharding(mesh, 3, 1), 1)
+  state, _ = step(state, batch)
+  snapshot = jax.tree.map(lambda x: np.array(x, copy=True), state)
+  mngr = checkpoint.manager(str(tmp_path), config)
+  mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  for _ in range(5):
+    state, _ = step(state, batch)
+  jax.block_until_ready(state)
+  mngr.wait_until_finished()
+  _, abstract, _ = train.abstract_state(config, GPTConfig.from_config(config.model, 4096), mesh, tx)
+  restored = checkpoint.restore(mngr, 1, abstract, shardings)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), snapshot)
