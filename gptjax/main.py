@@ -4,10 +4,11 @@ Thin entry point: parses flags and the config, then hands over to `gptjax.loop.r
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from gptjax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt2_small.py.",
                                           lock_config=True)
@@ -15,15 +16,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
                                "default runs/<config name>.")
 
 
-def quiet_libraries() -> None:
-  """Orbax logs every save at INFO, which absl shows by default under app.run; --verbosity=0 brings it back."""
-  if not any(arg.split("=")[0] in ("--verbosity", "-v", "--v") for arg in sys.argv[1:]):
-    logging.set_verbosity(logging.WARNING)
-
-
 def main(argv):
   del argv
-  quiet_libraries()
+  cli.quiet_libraries()
   from gptjax import loop  # after flag parsing: importing JAX early would ignore --xla flags in the env
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
   workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
