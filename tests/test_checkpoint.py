@@ -220,3 +220,15 @@ def test_async_save_is_not_corrupted_by_the_steps_that_follow(tmp_path):
   _, abstract, _ = train.abstract_state(config, GPTConfig.from_config(config.model, 4096), mesh, tx)
   restored = checkpoint.restore(mngr, 1, abstract, shardings)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), snapshot)
+
+
+def test_keeps_the_latest_and_the_best_by_validation_loss(tmp_path):
+  config = tiny_config()
+  config.checkpoint.update(keep=1, keep_best=1)
+  mngr = checkpoint.manager(str(tmp_path), config)
+  state = {"w": np.zeros(3, np.float32)}
+  for step, val_loss in zip([1, 2, 3, 4], [3.0, 1.0, 2.0, None]):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+              metrics=None if val_loss is None else {"val_loss": val_loss})
+    mngr.wait_until_finished()
+  assert mngr.all_steps() == [2, 4]
