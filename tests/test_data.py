@@ -1,5 +1,7 @@
-"""Tests of the data path: exact tokenizer round-trips, caching, token files and Grain batches."""
+"""Tests of the data path: exact tokenizer round-trips, corpora, prepare (caching, resuming, splits, mixtures),
+token sets and Grain batches."""
 
+import concurrent.futures
 import importlib
 import json
 import os
@@ -12,6 +14,10 @@ from gptjax import config as config_lib
 from gptjax import data
 from gptjax.data import pipeline
 from gptjax.data import tokenizer as tokenizer_lib
+from gptjax.data import tokens as tokens_lib
+
+# The package exports the function `prepare`, which hides the module of the same name.
+prepare_lib = importlib.import_module("gptjax.data.prepare")
 
 TRICKY = ["héllo wörld, naïve café", "中文字符和日本語のテキスト", "emoji 😀👍🏽🇫🇷 ok", "e\u0301 combining",
           "  leading", "trailing  ", "\t\tx\r\n y", "", "a\n\n\nb", "literal \u2581 block", "\x00 nul </s> <unk>"]
@@ -94,65 +100,82 @@ def test_builtin_documents():
   assert data.builtin_documents() == docs
 
 
-def test_read_documents(tmp_path):
+def _texts(path, **kwargs):
+  return [text for text, _ in data.open_corpus(str(path), **kwargs).documents()]
+
+
+def test_open_corpus(tmp_path, caplog):
   (tmp_path / "sub").mkdir()
   (tmp_path / "b.txt").write_bytes(b"bee\r\n")
   (tmp_path / "sub" / "a.md").write_bytes(b"ay \xff!")
   (tmp_path / "skip.py").write_text("not text")
   (tmp_path / "empty.txt").write_text("")
-  assert data.read_documents(str(tmp_path)) == ["bee\r\n", "ay \ufffd!"]
-  assert data.read_documents(str(tmp_path / "*.txt")) == ["bee\r\n"]
-  assert data.read_documents(str(tmp_path / "skip.py")) == ["not text"]
+  assert _texts(tmp_path) == ["bee\r\n", "ay \ufffd!"]
+  assert "a.md is not valid UTF-8: replaced 1 undecodable" in caplog.text
+  assert _texts(tmp_path / "*.txt") == ["bee\r\n"]
+  assert _texts(tmp_path / "skip.py") == ["not text"]
+  assert _texts(tmp_path, max_documents=1) == ["bee\r\n"]
+  corpus = data.open_corpus(str(tmp_path))
+  assert corpus.num_documents == 2 and corpus.size_bytes == 5 + 5
+  (tmp_path / "b.txt").write_bytes(b"bee!\r\n")
+  assert data.open_corpus(str(tmp_path)).fingerprint != corpus.fingerprint  # the cache key follows the content
 
 
-def test_read_documents_errors(tmp_path):
+def test_open_corpus_errors(tmp_path):
   with pytest.raises(data.DataError, match="does not exist"):
-    data.read_documents(str(tmp_path / "missing.txt"))
+    data.open_corpus(str(tmp_path / "missing.txt"))
   with pytest.raises(data.DataError, match="without"):
-    data.read_documents(str(tmp_path))
+    data.open_corpus(str(tmp_path))
   with pytest.raises(data.DataError, match="matches no files"):
-    data.read_documents(str(tmp_path / "*.nothing"))
+    data.open_corpus(str(tmp_path / "*.nothing"))
   (tmp_path / "empty.txt").write_text("")
-  with pytest.raises(data.DataError, match="empty"):
-    data.read_documents(str(tmp_path / "empty.txt"))
+  with pytest.raises(data.DataError, match="empty.txt is empty"):
+    data.open_corpus(str(tmp_path / "empty.txt"))
+  (tmp_path / "blank.txt").write_text("")
+  with pytest.raises(data.DataError, match="all 2 files"):
+    data.open_corpus(str(tmp_path))
+  with pytest.raises(data.DataError, match="data.format"):
+    data.open_corpus(str(tmp_path), fmt="csv")
 
 
 def _documents_of(path, tok):
-  """Texts of a token file, split at EOS."""
-  tokens = np.asarray(data.open_tokens(path))
+  """Texts of a token set, split at EOS."""
+  tokens = data.open_tokens(path)[:]
   assert tokens[-1] == tok.eos_id
   cuts = np.flatnonzero(tokens == tok.eos_id)
   return [tok.decode(x) for x in np.split(tokens, cuts[:-1] + 1)]
 
 
-def _config(path, kind, cache_dir=""):
+def _config(path, kind, cache_dir="", **data_fields):
   config = config_lib.default_config()
-  config.data.path = path
-  config.data.tokenizer = kind
-  config.data.vocab_size = 400
-  config.data.cache_dir = cache_dir
+  config.data.update(path=path, tokenizer=kind, vocab_size=400, cache_dir=cache_dir, **data_fields)
   return config
 
 
-def test_prepare_splits_by_document_and_caches(tmp_path, monkeypatch):
-  docs = synthetic_documents(n=12)
+def _write_docs(directory, docs):
+  directory.mkdir(exist_ok=True)
   for i, doc in enumerate(docs):
-    (tmp_path / f"doc{i:02d}.txt").write_bytes(doc.encode())
-  prepared = data.prepare(_config(str(tmp_path), "bpe"), str(tmp_path / "work"))
+    (directory / f"doc{i:02d}.txt").write_bytes(doc.encode())
+  return str(directory)
+
+
+def test_prepare_round_trips_documents_and_caches(tmp_path, monkeypatch):
+  docs = synthetic_documents(n=25)
+  path = _write_docs(tmp_path / "corpus", docs)
+  prepared = data.prepare(_config(path, "bpe"), str(tmp_path / "work"))
   train = _documents_of(prepared.train_path, prepared.tokenizer)
   val = _documents_of(prepared.val_path, prepared.tokenizer)
-  assert train + val == docs and len(val) >= 1
+  assert val == docs[::10]  # every 10th document, from the first: spread over the corpus
+  assert train == [d for i, d in enumerate(docs) if i % 10]
   assert prepared.train_tokens == len(data.open_tokens(prepared.train_path))
-  with open(prepared.val_path[:-4] + ".json") as f:
-    sidecar = json.load(f)
-  assert sidecar["dtype"] == "uint16" and sidecar["documents"] == len(val)
-  assert sidecar["tokens"] == prepared.val_tokens
-  assert sidecar["tokenizer_fingerprint"] == prepared.tokenizer.fingerprint
+  with open(prepared.val_path) as f:
+    manifest = json.load(f)
+  assert manifest["shards"][0]["dtype"] == "uint16" and manifest["documents"] == len(val)
+  assert manifest["tokens"] == prepared.val_tokens
+  assert manifest["tokenizer_fingerprint"] == prepared.tokenizer.fingerprint
 
-  # The package exports the function `prepare`, which hides the module of the same name.
-  monkeypatch.setattr(importlib.import_module("gptjax.data.prepare"), "_write_tokens",
-                      lambda *a: pytest.fail("token files rewritten despite the cache"))
-  again = data.prepare(_config(str(tmp_path), "bpe"), str(tmp_path / "work"))
+  monkeypatch.setattr(prepare_lib, "_encode", lambda *a: pytest.fail("token files rewritten despite the cache"))
+  again = data.prepare(_config(path, "bpe"), str(tmp_path / "work"))
   assert (again.train_path, again.val_tokens) == (prepared.train_path, prepared.val_tokens)
 
 
@@ -165,14 +188,124 @@ def test_prepare_cuts_a_single_document(tmp_path):
   assert train == text[:int(len(text) * 0.9)] and train + val == text
 
 
+def test_prepare_with_a_separate_val_path(tmp_path):
+  docs = synthetic_documents(n=6)
+  config = _config(_write_docs(tmp_path / "train", docs[:4]), "char", val_path=_write_docs(tmp_path / "val", docs[4:]))
+  prepared = data.prepare(config, str(tmp_path / "work"))
+  assert _documents_of(prepared.train_path, prepared.tokenizer) == docs[:4]
+  assert _documents_of(prepared.val_path, prepared.tokenizer) == docs[4:]
+
+
+def test_prepare_rejects_a_vocab_larger_than_the_model(tmp_path):
+  config = _config(_write_docs(tmp_path / "corpus", synthetic_documents(n=3)), "char")
+  config.model.vocab_size = 10
+  with pytest.raises(config_lib.ConfigError, match="model.vocab_size=10"):
+    data.prepare(config, str(tmp_path / "work"))
+  assert not [p for p in os.listdir(tmp_path / "work" / "data") if p.startswith("tokens-")]  # failed before encoding
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "char"])
+def test_long_documents_encode_in_exact_pieces(kind, cache_dir, monkeypatch):
+  text = "".join(synthetic_documents(n=10)) + "x\r\ny\n  z\n\n\tw\r\n\r\nv"
+  tok = data.train_tokenizer([text], kind, 400, cache_dir)
+  monkeypatch.setattr(prepare_lib, "_PIECE_CHARS", 50)
+  pieces = [piece for piece, _ in prepare_lib._pieces(text)]
+  assert len(pieces) > 100 and "".join(pieces) == text
+  np.testing.assert_array_equal(np.concatenate([tok.encode(p) for p in pieces]), tok.encode(text))
+
+
+def _stream(prepared):
+  return [data.open_tokens(p)[:] for p in (prepared.train_path, prepared.val_path)]
+
+
+def test_prepare_resumes_after_an_interruption(tmp_path, monkeypatch):
+  docs = synthetic_documents(n=40)
+  path = _write_docs(tmp_path / "corpus", docs)
+  monkeypatch.setattr(prepare_lib, "_CHUNK_CHARS", 2000)  # one task per ~2 documents
+  monkeypatch.setattr(prepare_lib, "_SHARD_TOKENS", 1500)  # a shard per few tasks
+  expected = _stream(data.prepare(_config(path, "char", str(tmp_path / "once")), "unused"))
+  encode, calls, interrupt_at = prepare_lib._encode_chunk, [], [8]
+
+  def interrupted(*args):
+    calls.append(1)
+    if len(calls) == interrupt_at[0]:
+      raise KeyboardInterrupt
+    return encode(*args)
+  monkeypatch.setattr(prepare_lib, "_encode_chunk", interrupted)
+  cache = tmp_path / "resumed"
+  with pytest.raises(KeyboardInterrupt):
+    data.prepare(_config(path, "char", str(cache)), "unused")
+  (tokens_dir,) = cache.glob("tokens-*")
+  with open(tokens_dir / "progress.json") as f:
+    finished = json.load(f)["items"]
+  assert 0 < finished < 40
+  (tokens_dir / ".tmp-train.bin").write_bytes(b"half-written")  # what a crash mid-shard leaves...
+  calls.clear()
+  interrupt_at[0] = None
+  resumed = data.prepare(_config(path, "char", str(cache)), "unused")
+  assert not list(tokens_dir.glob(".tmp-*"))  # ...is removed, never taken as a shard
+  assert len(calls) < 20  # only the documents after the finished shards were encoded again
+  for got, want in zip(_stream(resumed), expected):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_prepare_encodes_in_worker_processes(tmp_path, monkeypatch):
+  path = _write_docs(tmp_path / "corpus", synthetic_documents(n=30))
+  expected = _stream(data.prepare(_config(path, "bpe", str(tmp_path / "serial")), "unused"))
+  monkeypatch.setattr(prepare_lib, "_CHUNK_CHARS", 3000)
+  monkeypatch.setattr(prepare_lib, "_POOL_MIN_CHARS", 5000)  # the first tasks here, the rest in the pool
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  pools = []
+
+  class Pool(concurrent.futures.ProcessPoolExecutor):
+    def __init__(self, *args, **kwargs):
+      pools.append(self)
+      super().__init__(*args, **kwargs)
+  monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Pool)
+  pooled = _stream(data.prepare(_config(path, "bpe", str(tmp_path / "pooled")), "unused"))
+  assert len(pools) == 1
+  for got, want in zip(pooled, expected):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_prepare_mixture(tmp_path):
+  a = _write_docs(tmp_path / "a", ["alpha " * 300 + str(i) for i in range(12)])
+  b = _write_docs(tmp_path / "b", ["beta " * 300 + str(i) for i in range(12)])
+  prepared = data.prepare(_config("", "char", mixture=f"{a}:0.75, {b}:0.25"), str(tmp_path / "work"))
+  with open(prepared.train_path) as f:
+    manifest = json.load(f)
+  assert [m["weight"] for m in manifest["mixture"]] == [0.75, 0.25]
+  assert prepared.train_tokens == sum(len(data.open_tokens(os.path.join(os.path.dirname(prepared.train_path),
+                                                                         m["path"]))) for m in manifest["mixture"])
+  tok = prepared.tokenizer
+  batch = next(data.train_batches(prepared.train_path, 64, 64, seed=0, shard_index=0, shard_count=1))
+  from_a = sum("alpha" in tok.decode(row) for row in batch)
+  assert from_a == 48  # 0.75 of 64 windows: Grain's mix interleaves exactly by weight
+  assert len(data.eval_batches(prepared.val_path, 64, 8, 2, 0, 1)) == 2
+
+
+def test_parse_mixture():
+  assert data.parse_mixture("") == []
+  assert data.parse_mixture("a.txt:0.7, hf:x/y:en:0.3") == [("a.txt", 0.7), ("hf:x/y:en", 0.3)]
+  for bad in ("a.txt", "a.txt:x", "a.txt:0", ":1"):
+    with pytest.raises(data.DataError, match="path:weight"):
+      data.parse_mixture(bad)
+
+
+def write_token_set(path, tokens):
+  """A token set of one shard, as prepare writes it."""
+  tokens = np.asarray(tokens, "<u2")
+  tokens.tofile(path[:-5] + ".bin")
+  shard = {"path": os.path.basename(path[:-5]) + ".bin", "offset": 0, "tokens": len(tokens), "dtype": "uint16",
+           "bytes": tokens.nbytes}
+  tokens_lib.write_json(path, {"tokens": len(tokens), "shards": [shard]})
+  return path
+
+
 @pytest.fixture()
 def token_file(tmp_path):
-  """A token file whose token i is i: window contents show where they came from."""
-  path = str(tmp_path / "train.bin")
-  np.arange(10_001, dtype="<u2").tofile(path)
-  with open(str(tmp_path / "train.json"), "w") as f:
-    json.dump({"dtype": "uint16", "tokens": 10_001}, f)
-  return path
+  """A token set whose token i is i: window contents show where they came from."""
+  return write_token_set(str(tmp_path / "train.json"), np.arange(10_001))
 
 
 def _take(it, n):
@@ -191,11 +324,13 @@ def test_train_batches_are_shifted_windows_and_deterministic(token_file):
   assert not np.array_equal(np.stack(first), np.stack(other))
 
 
-def test_train_batches_shards_are_disjoint(token_file):
-  # 625 windows: 2 shards x 8 rows x 39 steps = 624 stay inside the first epoch.
+def test_train_batches_shards_are_disjoint_and_make_the_epoch(token_file):
+  # 624 windows: 2 processes x 8 rows x 39 steps read exactly the first epoch.
   starts = [np.concatenate(_take(data.train_batches(token_file, 16, 8, 0, s, 2), 39))[:, 0] for s in (0, 1)]
   assert len(set(starts[0])) == len(set(starts[1])) == 312
   assert not set(starts[0]) & set(starts[1])
+  offset = starts[0][0] % 16  # the first epoch's shift
+  assert set((np.concatenate(starts) - offset) // 16) == set(range(624))
   # Together the shards read what one process with their combined batch reads.
   single = np.concatenate(_take(data.train_batches(token_file, 16, 16, 0, 0, 1), 39))[:, 0]
   assert set(single) == set(starts[0]) | set(starts[1])
@@ -224,6 +359,26 @@ def test_train_batches_in_worker_processes(token_file):
   np.testing.assert_array_equal(np.stack(got), np.stack(expected))
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_mixture_batches_follow_the_weights_and_resume(tmp_path, num_workers):
+  a = write_token_set(str(tmp_path / "a.json"), np.arange(3000))  # windows of a start below 3000...
+  b = write_token_set(str(tmp_path / "b.json"), np.arange(20_000, 21_000))  # ...those of b at 20000 and above
+  mixture = str(tmp_path / "mix.json")
+  tokens_lib.write_json(mixture, {"mixture": [{"path": "a.json", "weight": 0.2}, {"path": "b.json", "weight": 0.8}]})
+  expected = np.concatenate(_take(data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1), 40))
+  assert (expected[:, 0] >= 20_000).sum() == 0.8 * len(expected)
+  assert len(np.unique(expected[:, 0])) > 190  # b's 61 windows repeat, each epoch with a new shift
+  it = data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1, num_workers=num_workers)
+  got = _take(it, 25)
+  state = it.get_state()
+  del it
+  resumed = data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1, num_workers=num_workers)
+  resumed.set_state(state)
+  got += _take(resumed, 15)
+  del resumed
+  np.testing.assert_array_equal(np.concatenate(got), expected)
+
+
 def test_token_windows_pickle_without_the_memmap(token_file):
   windows = pipeline.TokenWindows(token_file, 16)
   np.testing.assert_array_equal(windows[3], np.arange(48, 65))
@@ -234,9 +389,11 @@ def test_token_windows_pickle_without_the_memmap(token_file):
   np.testing.assert_array_equal(copy[3], windows[3])
 
 
-def test_train_batches_too_few_windows(token_file):
-  with pytest.raises(data.DataError, match="train.batch_size"):
-    data.train_batches(token_file, 2000, 8, seed=0, shard_index=0, shard_count=1)
+def test_a_batch_larger_than_an_epoch_repeats_windows_with_a_warning(token_file, caplog):
+  batches = data.train_batches(token_file, 2000, 8, seed=0, shard_index=0, shard_count=1)  # 4 windows per epoch
+  batch = next(batches)
+  assert "each step repeats windows" in caplog.text
+  assert batch.shape == (8, 2001) and len({row.tobytes() for row in batch[:, :100]}) <= 8
 
 
 def test_eval_batches(token_file):

@@ -1,14 +1,21 @@
-"""Tokenizers that round-trip any text exactly: SentencePiece BPE/unigram with byte fallback, or characters."""
+"""Tokenizers that round-trip any text exactly: SentencePiece BPE/unigram with byte fallback, characters, or
+GPT-2's byte-level BPE loaded from its vocab.json + merges.txt."""
 
 import abc
+import functools
 import hashlib
 import io
 import itertools
 import json
+import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
+import unicodedata
+from typing import Iterable
 
 from absl import logging
 import numpy as np
@@ -16,9 +23,12 @@ import sentencepiece as spm
 
 from gptjax.data.corpus import DataError, corpus_sha256
 
-KINDS = ("bpe", "unigram", "char")
+# Kinds trained on the corpus; 'gpt2' is loaded from data.tokenizer_path.
+TRAINED_KINDS = ("bpe", "unigram", "char")
 _META = "tokenizer.json"
 _MODEL = "tokenizer.model"
+_GPT2_FILES = ("vocab.json", "merges.txt")
+_GPT2_EOS = "<|endoftext|>"
 # SentencePiece trains on at most this many characters, sampled evenly over the corpus: more costs time, not quality.
 _TRAIN_CHARS = 20_000_000
 # Training sentences are runs of whole lines up to this length; SentencePiece drops longer sentences.
@@ -29,6 +39,9 @@ _SPACE = "\u2581"
 
 class Tokenizer(abc.ABC):
   """Text <-> int32 ids. `payload` is the serialized tokenizer; its hash is the fingerprint."""
+
+  # Threads an encode_batch call may use; 1 in the worker processes of a pool that already uses every core.
+  threads = os.cpu_count()
 
   def __init__(self, kind: str, payload: bytes, vocab_size: int, eos_id: int):
     self.kind = kind
@@ -54,6 +67,10 @@ class Tokenizer(abc.ABC):
   def _decode(self, ids: np.ndarray) -> str:
     """decode() of ids that are all valid, non-EOS tokens."""
 
+  def __reduce__(self):
+    # Pickled as its payload (SentencePiece processors do not pickle): pool workers rebuild their own.
+    return from_payload, (self.kind, self.payload)
+
   def save(self, directory: str) -> None:
     """Writes the tokenizer into directory; load_tokenizer(directory) reads it back."""
     os.makedirs(directory, exist_ok=True)
@@ -74,14 +91,21 @@ class SentencePieceTokenizer(Tokenizer):
     self._space_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SPACE.encode()]
 
   @classmethod
-  def train(cls, documents: list[str], kind: str, vocab_size: int) -> "SentencePieceTokenizer":
-    """Trains on an even sample of at most _TRAIN_CHARS characters of the documents."""
-    total = sum(map(len, documents))
-    step = -(-total // _TRAIN_CHARS)
+  def train(cls, documents: Iterable[str], kind: str, vocab_size: int, total_chars: int) -> "SentencePieceTokenizer":
+    """Trains on an even sample of at most _TRAIN_CHARS characters of documents (of about total_chars)."""
+    sampled = [0]
+
+    def sample():
+      step = max(1, -(-total_chars // _TRAIN_CHARS))
+      for chunk in itertools.islice(_line_chunks(documents), 0, None, step):
+        sampled[0] += len(chunk)
+        yield chunk
+        if sampled[0] >= _TRAIN_CHARS:  # total_chars was an estimate (or 0 = unknown): stop at the budget
+          return
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=itertools.islice(_line_chunks(documents), 0, None, step),
+          sentence_iterator=sample(),
           model_writer=model,
           model_type=kind,
           vocab_size=vocab_size,
@@ -102,18 +126,19 @@ class SentencePieceTokenizer(Tokenizer):
           num_threads=os.cpu_count(),
           minloglevel=1)
     except RuntimeError as e:
-      raise DataError(f"SentencePiece cannot train a {kind} tokenizer with data.vocab_size={vocab_size} on this "
-                      f"corpus of {total} characters ({e}); choose a data.vocab_size it allows, or add text.") from e
+      raise DataError(f"SentencePiece cannot train a {kind} tokenizer with data.vocab_size={vocab_size} on a "
+                      f"sample of {sampled[0]} characters ({e}); choose a data.vocab_size it allows, or add "
+                      "text.") from e
     tokenizer = cls(kind, model.getvalue())
     if tokenizer.vocab_size < vocab_size:
-      logging.warning("The corpus (%d characters) supports only %d of the requested data.vocab_size=%d %s "
-                      "tokens; using %d. Add text for a larger vocabulary.", total, tokenizer.vocab_size, vocab_size,
-                      kind, tokenizer.vocab_size)
+      logging.warning("The corpus (a sample of %d characters) supports only %d of the requested "
+                      "data.vocab_size=%d %s tokens; using %d. Add text for a larger vocabulary.", sampled[0],
+                      tokenizer.vocab_size, vocab_size, kind, tokenizer.vocab_size)
     return tokenizer
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     parts = [text.split(_SPACE) for text in texts]
-    encoded = iter(self._sp.encode([p for ps in parts for p in ps], num_threads=os.cpu_count()))
+    encoded = iter(self._sp.encode([p for ps in parts for p in ps], num_threads=self.threads))
     out = []
     for ps in parts:
       ids = next(encoded)
@@ -134,9 +159,11 @@ class CharTokenizer(Tokenizer):
     super().__init__("char", payload, len(self._codes) + 1, len(self._codes))
 
   @classmethod
-  def train(cls, documents: list[str]) -> "CharTokenizer":
+  def train(cls, documents: Iterable[str]) -> "CharTokenizer":
     """The characters that occur in the documents."""
     codes = sorted({ord(c) for doc in documents for c in set(doc)})
+    if not codes:
+      raise DataError("cannot train a char tokenizer on an empty corpus; check data.path.")
     return cls(json.dumps(codes).encode())
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -157,7 +184,124 @@ class CharTokenizer(Tokenizer):
     return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le", errors="surrogatepass")
 
 
-def _line_chunks(documents: list[str]):
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other symbols, whitespace, each with one leading
+# space. L, N and S stand for Unicode letters, numbers and White_Space (filled in by _pretokenizer).
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"""
+# Unicode's White_Space property (what \s means to the `regex` package and to HF tokenizers); Python's own \s
+# also takes U+001C..U+001F, which GPT-2 treats as symbols.
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@functools.cache
+def _pretokenizer():
+  """GPT-2's pattern, compiled with the `regex` package when installed, else with `re` and explicit classes."""
+  try:
+    import regex  # pylint: disable=import-outside-toplevel
+    return regex.compile(_GPT2_PATTERN.format(L=r"\p{L}", N=r"\p{N}", S=_WHITESPACE))
+  except ImportError:
+    return re.compile(_GPT2_PATTERN.format(L=_category_class("L"), N=_category_class("N"), S=_WHITESPACE))
+
+
+def _category_class(major: str) -> str:
+  """The body of a regex character class of every code point whose Unicode category starts with `major`."""
+  ranges, start = [], None
+  for code in range(sys.maxunicode + 2):
+    inside = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == major
+    if inside and start is None:
+      start = code
+    elif not inside and start is not None:
+      ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(code - 1)) if code - 1 > start else ""))
+      start = None
+  return "".join(ranges)
+
+
+@functools.cache
+def _byte_chars() -> tuple[str, ...]:
+  """GPT-2's printable stand-in character for each byte value (so no merge sees a space or control byte)."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  chars = dict(zip(printable, printable)) | {b: 256 + i for i, b in enumerate(others)}
+  return tuple(chr(chars[b]) for b in range(256))
+
+
+class GPT2Tokenizer(Tokenizer):
+  """GPT-2's byte-level BPE (the same ids as tiktoken's and HF's 'gpt2'); EOS is '<|endoftext|>'.
+
+  Text that contains the literal string '<|endoftext|>' is encoded as ordinary text, never as EOS (like
+  tiktoken's encode_ordinary): documents cannot fake a boundary.
+  """
+
+  def __init__(self, payload: bytes):
+    spec = json.loads(payload)
+    self._vocab = spec["vocab"]
+    self._ranks = {tuple(m.split(" ")): i for i, m in enumerate(spec["merges"])}
+    super().__init__("gpt2", payload, max(self._vocab.values()) + 1, self._vocab[_GPT2_EOS])
+    self._tokens = [""] * self.vocab_size
+    for token, i in self._vocab.items():
+      self._tokens[i] = token
+    self._byte_of = {c: b for b, c in enumerate(_byte_chars())}
+    self._cache = {}
+
+  @classmethod
+  def from_files(cls, directory: str) -> "GPT2Tokenizer":
+    """Reads GPT-2's vocab.json and merges.txt (as published with the HF 'gpt2' model) from directory."""
+    vocab_path, merges_path = (os.path.join(directory, name) for name in _GPT2_FILES)
+    with open(vocab_path, encoding="utf-8") as f:
+      vocab = json.load(f)
+    with open(merges_path, encoding="utf-8") as f:
+      merges = [line.rstrip("\r\n") for line in f if line.strip() and not line.startswith("#version")]
+    problems = [f"{vocab_path} has no {_GPT2_EOS!r} token"] if _GPT2_EOS not in vocab else []
+    problems += [f"{vocab_path} lacks the byte token {c!r}" for c in _byte_chars() if c not in vocab][:1]
+    for line_no, merge in enumerate(merges, 1):
+      pair = merge.split(" ")
+      if len(pair) != 2 or "".join(pair) not in vocab:
+        problems.append(f"{merges_path}: merge {line_no} {merge!r} is not two tokens whose join is in vocab.json")
+        break
+    if problems:
+      raise DataError(f"{'; '.join(problems)}: these are not the files of a byte-level BPE tokenizer; give "
+                      "data.tokenizer_path a directory with GPT-2's own vocab.json and merges.txt.")
+    by_id = dict(sorted(vocab.items(), key=lambda item: item[1]))
+    return cls(json.dumps({"vocab": by_id, "merges": merges}, ensure_ascii=False).encode())
+
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    pattern = _pretokenizer()
+    out = []
+    for text in texts:
+      ids = []
+      for word in pattern.findall(text):
+        ids += self._cache.get(word) or self._bpe(word)
+      out.append(np.array(ids, np.int32))
+    return out
+
+  def _bpe(self, word: str) -> list[int]:
+    """The ids of one pre-token: repeatedly merge every occurrence of its lowest-ranked adjacent pair."""
+    chars = _byte_chars()
+    parts = [chars[b] for b in word.encode("utf-8", errors="surrogatepass")]
+    while len(parts) > 1:
+      pairs = list(zip(parts, parts[1:]))
+      best = min(pairs, key=lambda pair: self._ranks.get(pair, math.inf))
+      if best not in self._ranks:
+        break
+      merged, i = [], 0
+      while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+          merged.append(parts[i] + parts[i + 1])
+          i += 2
+        else:
+          merged.append(parts[i])
+          i += 1
+      parts = merged
+    ids = [self._vocab[p] for p in parts]
+    if len(self._cache) < 1 << 20:  # words repeat (Zipf): the cache is most of the speed
+      self._cache[word] = ids
+    return ids
+
+  def _decode(self, ids: np.ndarray) -> str:
+    data = bytes(self._byte_of[c] for i in ids.tolist() for c in self._tokens[i])
+    return data.decode("utf-8", errors="replace")
+
+
+def _line_chunks(documents: Iterable[str]):
   """Yields runs of whole lines (newlines kept) of at most _CHUNK_CHARS; longer lines are cut."""
   for doc in documents:
     chunk = ""
@@ -173,35 +317,57 @@ def _line_chunks(documents: list[str]):
       yield chunk
 
 
+def from_payload(kind: str, payload: bytes) -> Tokenizer:
+  """The tokenizer of `kind` serialized as `payload` (Tokenizer.payload)."""
+  if kind == "char":
+    return CharTokenizer(payload)
+  if kind == "gpt2":
+    return GPT2Tokenizer(payload)
+  return SentencePieceTokenizer(kind, payload)
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Reads a tokenizer written by Tokenizer.save."""
+  """Reads a tokenizer written by Tokenizer.save, or GPT-2's vocab.json + merges.txt, from directory."""
   meta_path = os.path.join(directory, _META)
-  if not os.path.exists(meta_path):
-    raise DataError(f"no tokenizer in {directory!r} ({_META} is missing); give a directory written by "
-                    "Tokenizer.save, or train one with train_tokenizer.")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = {}
+  if os.path.exists(meta_path):  # HF model directories have a tokenizer.json of their own: not ours
+    with open(meta_path) as f:
+      meta = json.load(f)
+  if "fingerprint" not in meta:
+    if all(os.path.exists(os.path.join(directory, name)) for name in _GPT2_FILES):
+      return GPT2Tokenizer.from_files(directory)
+    raise DataError(f"no tokenizer in {directory!r}: it needs {_META} + {_MODEL} (written by Tokenizer.save, as "
+                    f"in a run's tokenizer/ directory) or GPT-2's {' + '.join(_GPT2_FILES)}; point "
+                    "data.tokenizer_path at such a directory.")
   with open(os.path.join(directory, _MODEL), "rb") as f:
     payload = f.read()
-  tok = CharTokenizer(payload) if meta["kind"] == "char" else SentencePieceTokenizer(meta["kind"], payload)
+  tok = from_payload(meta["kind"], payload)
   if tok.fingerprint != meta["fingerprint"]:
     raise DataError(f"{directory!r}: {_MODEL} has fingerprint {tok.fingerprint} but {_META} says "
                     f"{meta['fingerprint']}; the files are corrupt or mixed up: delete the directory to retrain.")
   return tok
 
 
-def train_tokenizer(documents: list[str], kind: str, vocab_size: int, cache_dir: str) -> Tokenizer:
-  """The tokenizer of this corpus, from cache_dir/tokenizer-<kind>-<vocab>-<corpus hash>/ or trained and cached."""
-  if kind not in KINDS:
-    raise DataError(f"data.tokenizer={kind!r}: use one of {KINDS}.")
-  if not any(documents):
-    raise DataError("cannot train a tokenizer on an empty corpus; check data.path.")
+def train_tokenizer(documents: Iterable[str], kind: str, vocab_size: int, cache_dir: str, key: str = "",
+                    total_chars: int = 0) -> Tokenizer:
+  """The tokenizer of documents (read at most once), from or else into cache_dir/tokenizer-<kind>-<vocab>-<key>/."""
+  # key identifies the corpus ('' = hash the documents, then a list); total_chars, their approximate size, lets
+  # SentencePiece sample evenly over all of them (0 = from the start).
+  if kind not in TRAINED_KINDS:
+    raise DataError(f"data.tokenizer={kind!r} is not trained on the corpus: use one of {TRAINED_KINDS}, or load "
+                    "a tokenizer with data.tokenizer_path.")
+  if not key:
+    documents = list(documents)
+    key, total_chars = corpus_sha256(documents)[:12], sum(map(len, documents))
   size = 0 if kind == "char" else vocab_size  # a char vocabulary is whatever the corpus holds
-  directory = os.path.join(cache_dir, f"tokenizer-{kind}-{size}-{corpus_sha256(documents)[:12]}")
+  directory = os.path.join(cache_dir, f"tokenizer-{kind}-{size}-{key}")
   if os.path.exists(os.path.join(directory, _META)):
     return load_tokenizer(directory)
   start = time.time()
-  tok = CharTokenizer.train(documents) if kind == "char" else SentencePieceTokenizer.train(documents, kind, size)
+  if kind == "char":
+    tok = CharTokenizer.train(documents)
+  else:
+    tok = SentencePieceTokenizer.train(documents, kind, size, total_chars)
   logging.info("Trained a %s tokenizer (%d tokens) in %.1f s; caching it in %s.", kind, tok.vocab_size,
                time.time() - start, directory)
   os.makedirs(cache_dir, exist_ok=True)
