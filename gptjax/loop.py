@@ -64,10 +64,22 @@ def run(config, workdir: str) -> RunInfo:
   os.makedirs(workdir, exist_ok=True)
   t = config.train
 
+  mesh = sharding.make_mesh(config)
+  mngr = checkpoint.manager(workdir, config)
+  source = None
+  init_tokenizer = os.path.join(workdir, "init_tokenizer")
+  if config.checkpoint.init_from and not mngr.all_steps():
+    source = checkpoint.load_model(config.checkpoint.init_from, mesh)
+    log("initialising from %s (step %d)", config.checkpoint.init_from, source.step)
+    if jax.process_index() == 0 and not config.data.tokenizer_path:
+      source.tokenizer.save(init_tokenizer)
+  if config.checkpoint.init_from and not config.data.tokenizer_path:
+    # The new data must be read with the source model's tokenizer (kept in the workdir for resumes).
+    config = config.copy_and_resolve_references()
+    config.data.update(tokenizer_path=init_tokenizer, tokenizer=data.load_tokenizer(init_tokenizer).kind)
   prepared = data.prepare(config, workdir)
   vocab = config_lib.check_vocab(config, prepared.tokenizer.vocab_size)
   model_cfg = GPTConfig.from_config(config.model, vocab)
-  mesh = sharding.make_mesh(config)
   accum = config_lib.grad_accum_steps(config, n_devices)
   seq = model_cfg.block_size
 
@@ -75,18 +87,15 @@ def run(config, workdir: str) -> RunInfo:
   local_batch = t.batch_size // jax.process_count()
   batches = data.train_batches(prepared.train_path, seq, local_batch, t.seed, jax.process_index(),
                                jax.process_count(), config.data.num_workers)
-  mngr = checkpoint.manager(workdir, config)
   graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
   state, resumed_step = checkpoint.restore_latest(mngr, abstract, shardings, batches, prepared.tokenizer)
   if state is not None:
     log("resumed from %s/%d", mngr.directory, resumed_step)
-  elif config.checkpoint.init_from:
-    source = checkpoint.load_model(config.checkpoint.init_from, mesh)
+  elif source is not None:
     if source.tokenizer.fingerprint != prepared.tokenizer.fingerprint:
       raise ValueError(f"checkpoint.init_from={config.checkpoint.init_from!r} was trained with tokenizer "
-                       f"{source.tokenizer.fingerprint} but this run's data gives {prepared.tokenizer.fingerprint}; "
-                       "prepare the data with the same tokenizer as the source model.")
-    log("initialised from %s (step %d)", config.checkpoint.init_from, source.step)
+                       f"{source.tokenizer.fingerprint} but data.tokenizer_path gives {prepared.tokenizer.fingerprint}"
+                       "; leave data.tokenizer_path empty to use the source model's tokenizer.")
     graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx, params=source.params)
   else:
     graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)

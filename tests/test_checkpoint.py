@@ -162,13 +162,15 @@ def test_export_and_init_from(tmp_path, corpus):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32).astype(jax.numpy.bfloat16),
                                                           b), loaded.params, exported.params)
   assert exported.tokenizer.fingerprint == loaded.tokenizer.fingerprint
-  # init_from starts a fresh run (step 0, new optimizer) from the exported weights.
-  config = _quick_config(corpus, steps=1, learning_rate=1e-12, warmup_steps=0)
+  # init_from starts a fresh run (step 0, new optimizer) from the weights, on new text read with their tokenizer.
+  other = tmp_path / "other.txt"
+  other.write_text("a different corpus, with words the first one never had: zebra, quartz, jovial.\n" * 400)
+  config = _quick_config(other, steps=1, learning_rate=1e-12, warmup_steps=0)
   config.checkpoint.init_from = str(run)
   fine = tmp_path / "fine"
   loop.run(config, str(fine))
   tuned = checkpoint.load_model(str(fine))
-  assert tuned.step == 1
+  assert tuned.step == 1 and tuned.tokenizer.fingerprint == loaded.tokenizer.fingerprint
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned.params, loaded.params)
 
 
