@@ -2,8 +2,9 @@
 
   python -m gptjax.main --config=configs/gpt2_small.py --config.data.path='corpus/*.txt'
 
-train.micro_batch_size is per data-parallel shard; accumulation = 512 / (micro_batch_size x (mesh.data x
-mesh.fsdp)). Lower it (or raise mesh.fsdp) if a step does not fit in device memory.
+The micro-batch (per data-parallel shard) is the largest that fits in device memory, found at start-up by
+compiling the step; accumulation = 512 / (micro-batch x mesh.data x mesh.fsdp). Pin it with
+--config.train.micro_batch_size=N.
 """
 
 from gptjax.config import gpt2_config

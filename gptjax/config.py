@@ -92,8 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.steps = 5000
   # Global batch in sequences per optimizer step (across all devices and micro-batches).
   t.batch_size = 512
-  # Sequences per data-parallel shard per micro-batch; 0 = no gradient accumulation. Accumulation steps =
-  # batch_size / (micro_batch_size * data-parallel degree).
+  # Sequences per data-parallel shard per micro-batch; 0 = no gradient accumulation; -1 = the largest that fits
+  # in device memory (measured by compiling the step). Accumulation = batch_size / (micro_batch_size * dp degree).
   t.micro_batch_size = 0
   # Peak learning rate after warmup.
   t.learning_rate = 6e-4
@@ -192,7 +192,10 @@ def grad_accum_steps(config, n_devices: int) -> int:
   """Micro-batches per optimizer step: batch_size / (micro_batch_size * data-parallel degree)."""
   data, fsdp, _ = mesh_shape(config, n_devices)
   dp = data * fsdp
-  micro = config.train.micro_batch_size or config.train.batch_size // dp
+  micro = config.train.micro_batch_size
+  if micro == -1:
+    raise ValueError("train.micro_batch_size=-1 is resolved by gptjax.plan.fit_micro_batch before training.")
+  micro = micro or config.train.batch_size // dp
   return config.train.batch_size // (micro * dp)
 
 
@@ -247,8 +250,8 @@ def validate(config, n_devices: int) -> None:
                       "(learning_rate > 0).")
   data, fsdp, _ = mesh_shape(config, n_devices)
   dp = data * fsdp
-  micro = t.micro_batch_size or t.batch_size // max(dp, 1)
-  if t.micro_batch_size < 0 or micro <= 0 or t.batch_size % (micro * dp):
+  micro = t.batch_size // max(dp, 1) if t.micro_batch_size in (0, -1) else t.micro_batch_size
+  if t.micro_batch_size < -1 or micro <= 0 or t.batch_size % (micro * dp):
     raise ConfigError(
         f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size ({micro}) x the "
         f"data-parallel degree mesh.data*mesh.fsdp={dp}; pick batch_size as a multiple of {micro * dp}.")
@@ -265,21 +268,24 @@ def check_vocab(config, tokenizer_vocab: int) -> int:
   return m.vocab_size
 
 
-# (n_layer, n_head, n_embd, peak learning rate, micro-batch per data-parallel shard) of the GPT-2 family.
+# (n_layer, n_head, n_embd, peak learning rate) of the GPT-2 family.
 GPT2_SIZES = {
-    "small": (12, 12, 768, 6e-4, 16),
-    "medium": (24, 16, 1024, 3e-4, 8),
-    "large": (36, 20, 1280, 2.5e-4, 8),
-    "xl": (48, 25, 1600, 2e-4, 4),
+    "small": (12, 12, 768, 6e-4),
+    "medium": (24, 16, 1024, 3e-4),
+    "large": (36, 20, 1280, 2.5e-4),
+    "xl": (48, 25, 1600, 2e-4),
 }
 
 
 def gpt2_config(size: str) -> ml_collections.ConfigDict:
-  """GPT-2 `size` with its real shape: context 1024, vocab 50257 padded to 50304, ~0.5M tokens per step."""
-  n_layer, n_head, n_embd, lr, micro = GPT2_SIZES[size]
+  """GPT-2 `size` with its real shape: context 1024, vocab 50257 padded to 50304, ~0.5M tokens per step.
+
+  The micro-batch is fitted to the device's memory at start-up (train.micro_batch_size=-1).
+  """
+  n_layer, n_head, n_embd, lr = GPT2_SIZES[size]
   c = default_config()
   c.model.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50304)
   c.data.vocab_size = 50257  # at most: a small corpus (like the built-in one) supports fewer BPE tokens
-  c.train.update(steps=19073, batch_size=512, micro_batch_size=micro, learning_rate=lr, min_learning_rate=lr / 10,
+  c.train.update(steps=19073, batch_size=512, micro_batch_size=-1, learning_rate=lr, min_learning_rate=lr / 10,
                  warmup_steps=715, weight_decay=0.1, eval_every=250)
   return c

@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, data, generate, metrics, sharding, train
+from gptjax import checkpoint, config as config_lib, data, generate, metrics, plan, sharding, train
 from gptjax.model import GPTConfig, count_params, flops_per_token
 
 
@@ -80,14 +80,20 @@ def run(config, workdir: str) -> RunInfo:
   prepared = data.prepare(config, workdir)
   vocab = config_lib.check_vocab(config, prepared.tokenizer.vocab_size)
   model_cfg = GPTConfig.from_config(config.model, vocab)
-  accum = config_lib.grad_accum_steps(config, n_devices)
   seq = model_cfg.block_size
-
   tx = train.make_optimizer(config)
+  graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+  if t.micro_batch_size == -1:
+    micro = plan.fit_micro_batch(config, graphdef, abstract, shardings, mesh, tx)
+    log("micro-batch: %d sequences per data-parallel shard (the largest that fits in device memory)", micro)
+    config = config.copy_and_resolve_references()
+    config.train.micro_batch_size = micro
+    t = config.train
+  accum = config_lib.grad_accum_steps(config, n_devices)
+
   local_batch = t.batch_size // jax.process_count()
   batches = data.train_batches(prepared.train_path, seq, local_batch, t.seed, jax.process_index(),
                                jax.process_count(), config.data.num_workers)
-  graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
   state, resumed_step = checkpoint.restore_latest(mngr, abstract, shardings, batches, prepared.tokenizer)
   if state is not None:
     log("resumed from %s/%d", mngr.directory, resumed_step)

@@ -24,6 +24,8 @@ def test_gpt2_small_has_the_real_shape():
   assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (12, 12, 768, 1024)
   assert config_lib.check_vocab(config, 50257) == 50304
   assert config.train.batch_size * m.block_size == 524288
+  assert config.train.micro_batch_size == -1  # fitted to device memory at start-up
+  config.train.micro_batch_size = 16
   assert config_lib.grad_accum_steps(config, 8) == 4  # 512 / (16 x 8)
 
 
