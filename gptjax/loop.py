@@ -37,7 +37,8 @@ class StopFlag:
     if self.reason is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C means "now"
     self.reason = signal.Signals(signum).name
-    logging.warning("%s received: stopping after the current step (Ctrl-C again to abort).", self.reason)
+    logging.warning("%s received: stopping after the current step, with a checkpoint (Ctrl-C again to abort "
+                    "without one).", self.reason)
 
 
 @dataclasses.dataclass
@@ -151,6 +152,7 @@ def run(config, workdir: str) -> RunInfo:
   def save(val_loss=None):
     checkpoint.save(mngr, step, state, batches, config, prepared.tokenizer, val_loss)
 
+  in_flight = None  # the previous step's loss: the bar counts finished steps, one step stays queued behind
   with StopFlag() as stop:
     while step < t.steps and stop.reason is None:
       local = next(batches)
@@ -158,7 +160,10 @@ def run(config, workdir: str) -> RunInfo:
       state, step_metrics = train_step(state, sharding.global_batch(local, batch_sharding, batch_dim=1))
       step += 1
       window_tokens += tokens_per_step
-      bar.update(1)
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+        bar.update(1)
+      in_flight = step_metrics["train_loss"]
       if t.nonfinite == "stop" and not bool(step_metrics["finite"]):  # a per-step sync, only in this mode
         stop.reason = "nonfinite"
         break
@@ -181,6 +186,9 @@ def run(config, workdir: str) -> RunInfo:
         save(val_loss if evaluated else None)
       if t.max_seconds and time.time() - start_time > t.max_seconds:
         stop.reason = f"train.max_seconds={t.max_seconds}"
+  if in_flight is not None:
+    jax.block_until_ready(in_flight)
+    bar.update(1)
   bar.close()
 
   if stop.reason == "nonfinite":
