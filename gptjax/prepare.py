@@ -6,24 +6,19 @@ config and workdir finds them (<workdir>/data, or data.cache_dir). Re-running sk
 interrupted run after its last finished shard.
 """
 
-import os
+from absl import app
 
-from absl import app, flags
-from ml_collections import config_flags
+from gptjax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt2_small.py.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose data/ receives the tokenizer and token "
-                               "shards; default runs/<config name>, as for gptjax.main.")
+_CONFIG, _WORKDIR = cli.define_config_flags("Run directory whose data/ receives the tokenizer and token shards")
 
 
 def main(argv):
   del argv
+  cli.quiet_libraries()
   from gptjax import data  # after flag parsing, as in gptjax.main
-  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-  workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
   # No config_lib.validate: data is often prepared on a machine other than the one (mesh) that trains.
-  prepared = data.prepare(_CONFIG.value, workdir)
+  prepared = data.prepare(_CONFIG.value, cli.workdir(_WORKDIR))
   tok = prepared.tokenizer
   print(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens, fingerprint {tok.fingerprint}")
   print(f"train: {prepared.train_tokens:,} tokens in {prepared.train_path}")
@@ -31,5 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   app.run(main)
