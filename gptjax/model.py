@@ -2,11 +2,15 @@
 
 Every parameter carries logical axis names in its `axes` metadata (e.g. ('embed', 'mlp')); `sharding.py`
 maps them to mesh axes. Shape suffixes: B batch, T query positions, S key positions, D n_embd, N heads,
-H head size, F MLP width, V vocabulary, L layers.
+H head size, F MLP width, V vocabulary, L layers, Z = B*N (batch and heads flattened, in the KV cache).
+
+Decoding (`GPT.extend`) runs new tokens against a KV cache of static length; `gptjax/generate.py` drives it.
 """
 
 import dataclasses
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +58,19 @@ def _param(rngs, init, shape, axes):
   return nnx.Param(init(rngs.params(), shape, jnp.float32), axes=axes)
 
 
+class LayerCache(NamedTuple):
+  """One layer's keys and values at every cache slot, [Z, S, H] each (see `attention.cached_attention`)."""
+  k_ZSH: jax.Array
+  v_ZSH: jax.Array
+
+
+class CacheWrite(NamedTuple):
+  """Where `GPT.extend` puts new tokens in a layer's cache (slots start..start+T-1) and what each may see."""
+  cache: LayerCache
+  start: jax.Array
+  mask_BTS: jax.Array
+
+
 class Attention(nnx.Module):
   """Causal multi-head self-attention; q, k, v come out of one einsum already split into heads."""
 
@@ -68,17 +85,29 @@ class Attention(nnx.Module):
       self.qkv_bias = _param(rngs, nnx.initializers.zeros, (3, N, H), (None, "heads", "head_dim"))
       self.out_bias = _param(rngs, nnx.initializers.zeros, (D,), ("embed",))
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, write: CacheWrite | None = None) -> tuple[jax.Array, LayerCache | None]:
+    """(y_BTD, None) causally over x alone; with `write`, over the cache too: (y_BTD, the updated cache)."""
     dtype = x_BTD.dtype
     qkv_BT3NH = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.qkv_kernel[...].astype(dtype))
     if self.cfg.bias:
       qkv_BT3NH = qkv_BT3NH + self.qkv_bias[...].astype(dtype)
     q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
-    y_BTNH = attention.causal_attention(q_BTNH, k_BTNH, v_BTNH, self.cfg.attention)
-    y_BTD = jnp.einsum("btnh,nhd->btd", y_BTNH, self.out_kernel[...].astype(dtype))
+    out_kernel_NHD = self.out_kernel[...].astype(dtype)
+    cache = None
+    if write is None:
+      y_BTNH = attention.causal_attention(q_BTNH, k_BTNH, v_BTNH, self.cfg.attention)
+      y_BTD = jnp.einsum("btnh,nhd->btd", y_BTNH, out_kernel_NHD)
+    else:
+      # Written before it is read: XLA then updates the cache in place (read-then-write costs a copy per token).
+      cache = LayerCache(*(attention.write_cache(c_ZSH, new_BTNH, write.start)
+                           for c_ZSH, new_BTNH in zip(write.cache, (k_BTNH, v_BTNH))))
+      y_BTNH = attention.cached_attention(q_BTNH, cache.k_ZSH, cache.v_ZSH, write.mask_BTS)
+      # Contracts (n, h) in storage order; the einsum above contracts (h, n), for which XLA transposes the
+      # kernel on every call: once per token when decoding.
+      y_BTD = jax.lax.dot_general(y_BTNH, out_kernel_NHD, (((2, 3), (0, 1)), ((), ())))
     if self.cfg.bias:
       y_BTD = y_BTD + self.out_bias[...].astype(dtype)
-    return y_BTD
+    return y_BTD, cache
 
 
 class MLP(nnx.Module):
@@ -106,11 +135,14 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
 
-  def __call__(self, x_BTD: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, dropout_key: jax.Array | None,
+               write: CacheWrite | None = None) -> tuple[jax.Array, LayerCache | None]:
+    """(x_BTD, None), or with a cache `write` (decoding) (x_BTD, the layer's updated cache)."""
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     deterministic = dropout_key is None
-    x_BTD = x_BTD + self.dropout(self.attn(self.ln_1(x_BTD)), deterministic=deterministic, rngs=rngs)
-    return x_BTD + self.dropout(self.mlp(self.ln_2(x_BTD)), deterministic=deterministic, rngs=rngs)
+    y_BTD, cache = self.attn(self.ln_1(x_BTD), write)
+    x_BTD = x_BTD + self.dropout(y_BTD, deterministic=deterministic, rngs=rngs)
+    return x_BTD + self.dropout(self.mlp(self.ln_2(x_BTD)), deterministic=deterministic, rngs=rngs), cache
 
 
 _REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -156,7 +188,7 @@ class GPT(nnx.Module):
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layer)
 
     def run_block(block, x_BTD, key):
-      return block(x_BTD, key)
+      return block(x_BTD, key)[0]
     if cfg.remat != "none":
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
 
@@ -172,10 +204,69 @@ class GPT(nnx.Module):
         x_BTD = run_block(block, x_BTD, None if layer_keys is None else layer_keys[i])
     return self.ln_f(x_BTD)
 
+  def init_cache(self, batch: int, length: int) -> tuple[LayerCache, ...]:
+    """An empty KV cache for `batch` rows of `length` slots: per layer, zeros [batch * n_head, length, H]."""
+    cfg = self.cfg
+    shape = (batch * cfg.n_head, length, cfg.head_dim)
+    return tuple(LayerCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.n_layer))
+
+  def extend(self, tokens_BT: jax.Array, cache: tuple[LayerCache, ...], start: jax.Array,
+             pad_B: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+    """Runs tokens at cache slots start..start+T-1 of left-padded rows (row b's text begins at slot pad_B[b]).
+
+    Returns h_BTD (after ln_f) and the cache with the new keys and values. Slots before `start` must hold
+    the row's earlier tokens; a row's token at slot s has position s - pad_B[b].
+    """
+    cfg = self.cfg
+    T, S = tokens_BT.shape[1], cache[0].k_ZSH.shape[1]
+    slots_T = start + jnp.arange(T)
+    # Padding slots reuse position 0: no real token ever attends to them.
+    positions_BT = jnp.maximum(slots_T[None, :] - pad_B[:, None], 0)
+    x_BTD = (self.wte(tokens_BT) + self.wpe.embedding[positions_BT]).astype(cfg.dtype)
+    keys_S = jnp.arange(S)
+    # A token sees its row's text up to itself; a padding slot sees only itself, which keeps it finite.
+    mask_BTS = (keys_S <= slots_T[:, None]) & ((keys_S >= pad_B[:, None, None]) | (keys_S == slots_T[:, None]))
+    new_cache = []
+    for block, layer_cache in zip(self._layers(), cache):
+      x_BTD, layer_cache = block(x_BTD, None, CacheWrite(layer_cache, start, mask_BTS))
+      new_cache.append(layer_cache)
+    return self.ln_f(x_BTD), tuple(new_cache)
+
+  def _layers(self) -> list[Block]:
+    """The blocks one at a time; a scanned model's are slices of its stacked parameters."""
+    if not self.cfg.scan_layers:
+      return list(self.blocks)
+    graphdef, stacked = nnx.split(self.blocks)
+    return [nnx.merge(graphdef, layer) for layer in _per_layer(stacked, self.cfg.n_layer)]
+
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """LM head tied to the token embedding; float32 logits over the padded vocabulary."""
     return jnp.einsum("btd,vd->btv", h_BTD, self.wte.embedding[...].astype(h_BTD.dtype),
                       preferred_element_type=jnp.float32)
+
+
+def _per_layer(stacked, n_layer: int) -> list:
+  """Layer i's slice of every array in a tree of layer-stacked arrays, for each i."""
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layer)]
+
+
+@functools.cache
+def _graphdef(cfg: GPTConfig):
+  return nnx.split(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0))))[0]
+
+
+def unstack_layers(graphdef, params):
+  """(graphdef, params) of the same model with scan_layers=False: one array per layer (a copy if stacked).
+
+  Decoding wants this layout: on XLA:CPU, slicing a layer out of stacked weights inside the decode loop copies
+  it for every token (measured 2x slower at GPT-2 small, batch 1).
+  """
+  cfg = nnx.merge(graphdef, params).cfg
+  if not cfg.scan_layers:
+    return graphdef, params
+  params = dict(params)
+  params["blocks"] = dict(enumerate(_per_layer(params["blocks"], cfg.n_layer)))
+  return _graphdef(dataclasses.replace(cfg, scan_layers=False)), params
 
 
 def count_params(state, exclude_position: bool = False) -> int:
