@@ -25,6 +25,8 @@ from gptjax.data import load_tokenizer
 from gptjax.model import GPT, GPTConfig
 
 EXPORT_MARKER = "export.json"
+# load_model("hf:<directory or hub name>") imports a Hugging Face GPT-2 (gptjax/hf.py).
+HF_PREFIX = "hf:"
 
 
 class CheckpointError(RuntimeError):
@@ -133,7 +135,10 @@ class LoadedModel:
 
 
 def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
-  """Loads parameters from a run's workdir (latest or given step) or from an exported directory."""
+  """Loads parameters from a run's workdir (latest or given step), an exported directory, or 'hf:<HF GPT-2>'."""
+  if path.startswith(HF_PREFIX):
+    from gptjax import hf  # pylint: disable=import-outside-toplevel  # here: hf imports this module
+    return hf.import_hf(path[len(HF_PREFIX):], mesh)
   if os.path.exists(os.path.join(path, EXPORT_MARKER)):
     return _load_export(path, mesh)
   checkpoints = os.path.join(path, "checkpoints")
@@ -180,7 +185,8 @@ def export(path: str, out_dir: str, dtype: str = "float32", step: int | None = N
     with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
       json.dump(_tokenizer_files(loaded.tokenizer), f)
     with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:  # last: marks a complete export
-      json.dump({"step": loaded.step, "dtype": dtype, "source": os.path.abspath(path)}, f, indent=2)
+      source = path if path.startswith(HF_PREFIX) else os.path.abspath(path)
+      json.dump({"step": loaded.step, "dtype": dtype, "source": source}, f, indent=2)
   return out_dir
 
 

@@ -181,7 +181,8 @@ def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: i
   batch = rows + rows[:1] * fillers
   B = len(batch)
   prompt_len = bucket(max(map(len, rows)), cfg.block_size)
-  cache_len = bucket(prompt_len + max_new_tokens, cfg.block_size)
+  # Left padding takes cache slots but no positions: the cache may hold up to block_size tokens plus padding.
+  cache_len = bucket(prompt_len + max_new_tokens, 2 * cfg.block_size)
   pad_B = np.array([prompt_len - len(row) for row in batch], np.int32)
   prompt_BP = np.zeros((B, prompt_len), np.int32)
   for b, row in enumerate(batch):
@@ -193,14 +194,17 @@ def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: i
   index, tokens_BS, remaining = prompt_len, prompt_BP, max_new_tokens
   chunk_tokens = chunk_tokens or max_new_tokens
   while remaining > 0:
-    if index == cache_len:
-      # Slide: keep the newest half of the window, re-encoded at positions from 0.
-      keep = cache_len // 2
-      pad_B = np.maximum(pad_B - (cache_len - keep), 0)
-      state = _prefill(params, tokens_BS[:, -keep:], pad_B, state.keys_B, state.done_B, state.drawn, graphdef,
-                       cache_len, placement)
+    # Slots left before the longest row's window holds block_size tokens (positions run out there).
+    room = min(cfg.block_size + int(pad_B.min()) - index, cache_len - index)
+    if room == 0:
+      # Slide: keep the newest half of the context, re-encoded at positions from 0.
+      keep = cfg.block_size // 2
+      pad_B = np.maximum(pad_B - (index - keep), 0)
+      state = _prefill(params, tokens_BS[:, index - keep:index], pad_B, state.keys_B, state.done_B, state.drawn,
+                       graphdef, cache_len, placement)
       index = keep
-    state = _decode(params, state, np.int32(min(remaining, chunk_tokens)), graphdef, sampling)
+      room = min(cfg.block_size + int(pad_B.min()) - index, cache_len - index)
+    state = _decode(params, state, np.int32(min(remaining, chunk_tokens, room)), graphdef, sampling)
     start = index
     index, tokens_BS, done_B = jax.device_get((state.index, state.tokens_BS, state.done_B))
     remaining -= index - start

@@ -28,3 +28,15 @@ def build(config, vocab=128, n_devices=None):
 
 def random_tokens(shape, vocab=128, seed=0) -> np.ndarray:
   return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+def train_byte_level_bpe(directory: str, texts: list[str], vocab_size: int) -> str:
+  """vocab.json + merges.txt of a small byte-level BPE trained by HF tokenizers (a transformers dependency)."""
+  import pytest
+  tokenizers = pytest.importorskip("tokenizers")
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  corpus = " ".join(texts) * 3 + " ".join(f"word{i} wörd{i % 7} the then there's" for i in range(400))
+  bpe.train_from_iterator([corpus], vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+                          show_progress=False)
+  bpe.save_model(directory)
+  return directory

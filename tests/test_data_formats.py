@@ -14,6 +14,7 @@ import pytest
 from gptjax import config as config_lib
 from gptjax import data
 from gptjax.data import tokenizer as tokenizer_lib
+from tests.helpers import train_byte_level_bpe
 
 prepare_lib = importlib.import_module("gptjax.data.prepare")  # the package's `prepare` is the function
 
@@ -71,14 +72,7 @@ def test_gpt2_tokenizer_applies_merges_by_rank(gpt2_dir):
 
 @pytest.fixture(scope="module")
 def trained_bpe_dir(tmp_path_factory):
-  """vocab.json + merges.txt of a small byte-level BPE trained by HF tokenizers (a transformers dependency)."""
-  tokenizers = pytest.importorskip("tokenizers")
-  directory = str(tmp_path_factory.mktemp("bpe"))
-  bpe = tokenizers.ByteLevelBPETokenizer()
-  corpus = " ".join(PARITY_TEXTS) * 3 + " ".join(f"word{i} wörd{i % 7} the then there's" for i in range(400))
-  bpe.train_from_iterator([corpus], vocab_size=700, min_frequency=2, special_tokens=[EOS], show_progress=False)
-  bpe.save_model(directory)
-  return directory
+  return train_byte_level_bpe(str(tmp_path_factory.mktemp("bpe")), PARITY_TEXTS, vocab_size=700)
 
 
 @pytest.mark.parametrize("use_regex", [True, False])

@@ -56,7 +56,8 @@ def _full_logits(graphdef, params, tokens) -> np.ndarray:
 
 
 def _greedy_reference(graphdef, params, prompt, n, cache_len=None):
-  """Step-by-step argmax of full forward passes over the decoder's window (which slides by cache_len // 2)."""
+  """Step-by-step argmax of full passes over the decoder's window: when it holds cache_len (= block_size) tokens,
+  it keeps the newest half."""
   tokens, start = list(prompt), 0
   for _ in range(n):
     if cache_len and len(tokens) - start == cache_len:
@@ -139,6 +140,13 @@ def test_decoding_past_the_context_slides_the_window():
   prompt = list(range(1, 17))  # exactly one bucket: no padding, so the window slides at 32 tokens
   out = generate.generate(params, graphdef, prompt, 1, 45, temperature=0)
   assert list(out[0]) == _greedy_reference(graphdef, params, prompt, 45, cache_len=32)
+
+
+def test_prompt_padding_does_not_shorten_the_context():
+  graphdef, params = _model(block_size=64)
+  prompt = list(range(1, 35))  # padded to a bucket of 64: the window must still hold 64 real tokens
+  out = generate.generate(params, graphdef, prompt, 1, 45, temperature=0)
+  assert list(out[0]) == _greedy_reference(graphdef, params, prompt, 45, cache_len=64)
 
 
 def test_rows_stop_at_eos(model):
