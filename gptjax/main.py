@@ -13,6 +13,7 @@ _CONFIG, _WORKDIR = cli.define_config_flags("Run directory (checkpoints, metrics
 def main(argv):
   del argv
   cli.quiet_libraries()
+  cli.initialize_distributed()
   from gptjax import loop  # after flag parsing: importing JAX early would ignore --xla flags in the env
   loop.run(_CONFIG.value, cli.workdir(_WORKDIR))
 
