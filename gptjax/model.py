@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import attention
+from gptjax import attention, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ class GPT(nnx.Module):
     T = tokens_BT.shape[1]
     if T > cfg.block_size:
       raise ValueError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}.")
-    x_BTD = (self.wte(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype)
+    x_BTD = sharding.constrain_batch((self.wte(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype))
     if dropout_key is not None and cfg.dropout > 0:
       embed_key, dropout_key = jax.random.split(dropout_key)
       x_BTD = self.dropout(x_BTD, rngs=nnx.Rngs(dropout=embed_key))
@@ -188,7 +188,7 @@ class GPT(nnx.Module):
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layer)
 
     def run_block(block, x_BTD, key):
-      return block(x_BTD, key)[0]
+      return sharding.constrain_batch(block(x_BTD, key)[0])
     if cfg.remat != "none":
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
 

@@ -2,10 +2,14 @@
 
 `fit_micro_batch` picks the largest micro-batch whose compiled step fits the device, for
 `train.micro_batch_size = -1` (the GPT-2 configs' default): the same config then runs on a 24 GB CPU and an
-80 GB GPU without editing.
+80 GB GPU without editing. As a command, it plans a launch on fake CPU devices before any accelerator is paid for:
+
+  python -m gptjax.plan --config=configs/gpt2_xl.py --devices=64 --mesh=1,64,1 --hbm_gib=16
 """
 
+import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -56,3 +60,100 @@ def fit_micro_batch(config, graphdef, abstract_state, shardings, mesh, tx) -> in
   raise config_lib.ConfigError(
       f"even a micro-batch of 1 sequence needs ~{(fixed + per_sequence) / 2**30:.1f} GiB per device but "
       f"{budget / 2**30:.1f} GiB are usable; set model.remat='full', raise mesh.fsdp, or use bigger devices.")
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a sharded tree (the shard of every leaf)."""
+  return sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+             for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
+
+
+def analyze(config, devices) -> dict:
+  """Per-device memory (parameters, optimizer, step temporaries), FLOPs and collectives of the compiled step."""
+  from gptjax.model import GPTConfig, count_params, flops_per_token
+  mesh = sharding.make_mesh(config, devices)
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
+  tx = train.make_optimizer(config)
+  graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+  micro = config.train.micro_batch_size or config.train.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  batch = jax.ShapeDtypeStruct((config.train.batch_size // (micro * dp), micro * dp, model_cfg.block_size + 1),
+                               np.int32, sharding=sharding.batch_sharding(mesh, 3, 1))
+  compiled = step.lower(abstract, batch).compile()
+  memory = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  n_params = count_params(abstract["params"], exclude_position=True)
+  return dict(
+      mesh=dict(mesh.shape), micro_batch=micro, accumulation=config.train.batch_size // (micro * dp),
+      params_bytes=_per_device_bytes(abstract["params"], shardings["params"]),
+      optimizer_bytes=_per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
+      temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(memory.temp_size_in_bytes +
+                                                                 memory.argument_size_in_bytes),
+      model_flops_per_step=flops_per_token(model_cfg, n_params, model_cfg.block_size) * config.train.batch_size *
+      model_cfg.block_size,
+      collectives={op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in COLLECTIVES})
+
+
+def suggest(plan: dict, n_devices: int, hbm_bytes: int) -> list[dict]:
+  """For each FSDP degree: the state per device and the largest micro-batch that fits (linear estimate)."""
+  degree = plan["mesh"]["fsdp"] * plan["mesh"]["tensor"]
+  state = (plan["params_bytes"] + plan["optimizer_bytes"]) * degree  # replicated-over-data total
+  per_sequence = max(1, (plan["total_bytes"] - (plan["params_bytes"] + plan["optimizer_bytes"])) /
+                     plan["micro_batch"])
+  rows, fsdp = [], 1
+  while fsdp <= n_devices:
+    per_device_state = state / (fsdp * plan["mesh"]["tensor"])
+    micro = int((HEADROOM * hbm_bytes - per_device_state) // per_sequence)
+    rows.append(dict(fsdp=fsdp, state_gib=per_device_state / 2**30, max_micro_batch=max(micro, 0)))
+    fsdp *= 2
+  return rows
+
+
+def _main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={f.devices}").strip()
+  config = _CONFIG.value
+  if f.mesh:
+    config.mesh.update(dict(zip(config_lib.MESH_AXES, (int(d) for d in f.mesh.split(",")))))
+  if config.train.micro_batch_size == -1:
+    config.train.micro_batch_size = f.micro_batch
+  config_lib.validate(config, f.devices)
+  plan = analyze(config, jax.devices()[:f.devices])
+  hbm = int(f.hbm_gib * 2**30)
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  print(f"mesh {plan['mesh']} on {f.devices} devices | micro-batch {plan['micro_batch']} x "
+        f"{plan['accumulation']} accumulation steps")
+  print(f"per device: params {gib(plan['params_bytes'])} | optimizer {gib(plan['optimizer_bytes'])} | "
+        f"step temporaries (activations, gradients) {gib(plan['temp_bytes'])} | total {gib(plan['total_bytes'])} "
+        f"of {gib(hbm)} HBM")
+  # XLA's cost_analysis counts a loop body once (scan over layers and micro-batches): model FLOPs instead.
+  print(f"model FLOPs per step: {plan['model_flops_per_step']:.3g} ({plan['model_flops_per_step'] / f.devices:.3g} "
+        f"per device) | collectives in the compiled step: {plan['collectives']}")
+  if plan["total_bytes"] > HEADROOM * hbm:
+    print(f"WARNING: {gib(plan['total_bytes'])} per device exceeds {HEADROOM:.0%} of {gib(hbm)}: raise mesh.fsdp, "
+          "lower train.micro_batch_size or set model.remat='full' (see the suggestions below).")
+  print("suggestions (linear estimate from this compile):")
+  for row in suggest(plan, f.devices, hbm):
+    print(f"  fsdp={row['fsdp']:<4d} state {row['state_gib']:.2f} GiB/device, micro-batch up to "
+          f"{row['max_micro_batch']}")
+  print(json.dumps(plan))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt2_xl.py.")
+  flags.DEFINE_integer("devices", 8, "Devices to plan for (fake CPU devices stand in for them).")
+  flags.DEFINE_string("mesh", "", "data,fsdp,tensor degrees (default: the config's).")
+  flags.DEFINE_integer("micro_batch", 1, "Micro-batch per data-parallel shard when the config says -1 (auto).")
+  flags.DEFINE_float("hbm_gib", 16.0, "Memory of one device in GiB (TPU v5e: 16, v5p: 95, H100: 80).")
+  flags.mark_flag_as_required("config")
+  app.run(_main)

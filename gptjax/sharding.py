@@ -56,6 +56,26 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedShardi
   return NamedSharding(mesh, P(*spec))
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Keeps an activation [B, ...] split over the batch axes inside a step traced under `under_mesh`.
+
+  Without it GSPMD may follow the FSDP-sharded weights and split the embedding dimension instead, replicating the
+  batch (measured: 74 GiB instead of ~10 GiB of temporaries per device for GPT-2 small on fsdp=8).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+
+
+def under_mesh(fn, mesh: Mesh):
+  """fn traced with `mesh` as the context mesh (what constrain_batch reads)."""
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

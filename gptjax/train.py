@@ -153,13 +153,13 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh):
     return updated, metrics
 
   batch_spec = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-  return jax.jit(train_step, in_shardings=(shardings, batch_spec),
+  return jax.jit(sharding.under_mesh(train_step, mesh), in_shardings=(shardings, batch_spec),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(graphdef, shardings, mesh: Mesh):
   """jit(eval_step)(params, batch [B, T+1]) -> mean loss, without dropout."""
-  return jax.jit(functools.partial(_eval_loss, graphdef=graphdef),
+  return jax.jit(sharding.under_mesh(functools.partial(_eval_loss, graphdef=graphdef), mesh),
                  in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 

@@ -4,7 +4,7 @@ import pytest
 
 from gptjax import config as config_lib, plan, sharding, train
 from gptjax.model import GPTConfig
-from tests.helpers import tiny_config
+from tests.helpers import build, tiny_config
 
 
 def test_fit_micro_batch_follows_compiled_memory(monkeypatch):
@@ -23,3 +23,28 @@ def test_fit_micro_batch_follows_compiled_memory(monkeypatch):
   monkeypatch.setattr(plan, "device_memory_bytes", lambda: 1000)
   with pytest.raises(config_lib.ConfigError, match="even a micro-batch of 1 sequence"):
     plan.fit_micro_batch(*args)
+
+
+def _planned(**kwargs):
+  config = tiny_config(**kwargs)
+  config.data.vocab_size = 128  # the vocabulary `build` gives the model
+  return config, plan.analyze(config, sharding.jax.devices()[:8])
+
+
+@pytest.mark.parametrize("fsdp", [1, 2, 4, 8])
+def test_planned_parameter_memory_falls_with_fsdp_and_matches_placed_arrays(fsdp):
+  config, plan_ = _planned(batch_size=8, mesh=(8 // fsdp, fsdp, 1))
+  _, full = _planned(batch_size=8, mesh=(8, 1, 1))
+  # ~1/fsdp: only the small biases over `heads`/`mlp` (not `embed`) stay whole on every device.
+  for key in ("params_bytes", "optimizer_bytes"):
+    assert full[key] / fsdp <= plan_[key] <= 1.1 * full[key] / fsdp + 64, (key, plan_[key], full[key])
+  _, state, _, _, _ = build(config)
+  placed = sum(leaf.addressable_shards[0].data.nbytes for leaf in sharding.jax.tree.leaves(state["params"]))
+  assert plan_["params_bytes"] == placed
+
+
+def test_fsdp_keeps_activations_split_over_the_batch():
+  """Without the batch constraint GSPMD replicated the batch under FSDP (8x the temporaries)."""
+  _, base = _planned(batch_size=16, mesh=(8, 1, 1), block_size=64)
+  _, fsdp = _planned(batch_size=16, mesh=(1, 8, 1), block_size=64)
+  assert fsdp["temp_bytes"] < 2 * base["temp_bytes"]
