@@ -153,15 +153,9 @@ def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
                                                          tokenizer=ocp.args.JsonRestore()))
   config = ml_collections.ConfigDict(meta["config"])
   tokenizer = _tokenizer_from_files(meta["tokenizer"])
-  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, tokenizer.vocab_size))
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
-  mesh = mesh or _single_device_mesh(config)
-  param_shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
-  abstract_params = nnx.to_pure_dict(abstract)
+  model_cfg, graphdef, target = inference_target(config, config_lib.check_vocab(config, tokenizer.vocab_size), mesh)
   for s in steps:
     try:
-      target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_params,
-                            param_shardings)
       restored = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item={"params": target}, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding),
                                                             {"params": target}), partial_restore=True)))
@@ -197,12 +191,8 @@ def _load_export(path: str, mesh) -> LoadedModel:
     config = ml_collections.ConfigDict(json.load(f))
   with open(os.path.join(path, "tokenizer.json")) as f:
     tokenizer = _tokenizer_from_files(json.load(f))
-  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, tokenizer.vocab_size))
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
-  mesh = mesh or _single_device_mesh(config)
-  shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(marker["dtype"]), sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
+  model_cfg, graphdef, target = inference_target(config, config_lib.check_vocab(config, tokenizer.vocab_size), mesh,
+                                                 jnp.dtype(marker["dtype"]))
   try:
     params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
   except Exception as e:
@@ -210,11 +200,18 @@ def _load_export(path: str, mesh) -> LoadedModel:
   return LoadedModel(config, model_cfg, graphdef, params, tokenizer, marker["step"])
 
 
-def _single_device_mesh(config):
-  """A 1-device mesh for inference when the caller gives none."""
-  single = config_lib.default_config()
-  single.mesh.update(data=1, fsdp=1, tensor=1)
-  return sharding.make_mesh(single, jax.devices()[:1])
+def inference_target(config, vocab: int, mesh=None, dtype=None):
+  """(model_cfg, graphdef, abstract params placed on `mesh`) of a config; a 1-device mesh when none is given."""
+  model_cfg = GPTConfig.from_config(config.model, vocab)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
+  if mesh is None:
+    single = config_lib.default_config()
+    single.mesh.update(data=1, fsdp=1, tensor=1)
+    mesh = sharding.make_mesh(single, jax.devices()[:1])
+  shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  return model_cfg, graphdef, target
 
 
 def _grain_checkpoint():

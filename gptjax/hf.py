@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
-from gptjax import checkpoint, cli, config as config_lib, sharding
+from gptjax import checkpoint, cli, config as config_lib
 from gptjax.data import tokenizer as tokenizer_lib
-from gptjax.model import GPT, GPTConfig, unstack_layers
+from gptjax.model import unstack_layers
 
 # Both are GELU's tanh approximation (gptjax's MLP); HF names it either way.
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
@@ -228,10 +227,7 @@ def import_hf(path_or_name: str, mesh=None) -> checkpoint.LoadedModel:
     raise HFError(f"{directory!r}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
                   f"{hf['vocab_size']}: the tokenizer files belong to another model.")
   config = gptjax_config(hf, os.path.abspath(directory))
-  model_cfg = GPTConfig.from_config(config.model, config.model.vocab_size)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
-  mesh = mesh or checkpoint._single_device_mesh(config)  # pylint: disable=protected-access
-  shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
+  model_cfg, graphdef, target = checkpoint.inference_target(config, config.model.vocab_size, mesh)
   tensors = read_hf_tensors(directory)
   used = set()
 
@@ -254,7 +250,7 @@ def import_hf(path_or_name: str, mesh=None) -> checkpoint.LoadedModel:
       a = np.pad(a, ((0, shape[0] - a.shape[0]), (0, 0)))
     return a.reshape(shape)
 
-  def place(path, var, placement):
+  def place(path, var):
     keys = tuple(_key(k) for k in path)
     if keys[0] != "blocks":
       a = take(_TOP_NAMES[keys], keys[-1], var.shape, var.dtype)
@@ -263,9 +259,9 @@ def import_hf(path_or_name: str, mesh=None) -> checkpoint.LoadedModel:
                     for i in range(model_cfg.n_layer)])
     else:
       a = take(f"h.{keys[1]}.{_BLOCK_NAMES[keys[2:]]}", keys[-1], var.shape, var.dtype)
-    return jax.make_array_from_callback(a.shape, placement, lambda index: a[index])
+    return jax.make_array_from_callback(a.shape, var.sharding, lambda index: a[index])
 
-  params = jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(abstract), shardings)
+  params = jax.tree_util.tree_map_with_path(place, target)
   head = tensors.get(_HEAD)
   if head is not None and not np.array_equal(head, tensors["wte.weight"]):
     raise HFError(f"{directory!r}: lm_head.weight differs from wte.weight, but gptjax ties the head to the "

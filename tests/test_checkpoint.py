@@ -1,7 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM, corrupt checkpoints, other meshes, export, non-finite guard."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -68,7 +67,7 @@ def test_sigkill_and_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_pa
   assert saved and saved[-1] < steps, saved  # killed mid-run, after some checkpoints
   resumed = subprocess.run(_command(tmp_path / "run", corpus, steps), cwd=ROOT, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert f"resumed from" in resumed.stdout
+  assert "resumed from" in resumed.stdout
   assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")  # bitwise: same floats, every step
 
 

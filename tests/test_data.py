@@ -361,8 +361,8 @@ def test_train_batches_in_worker_processes(token_file):
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_mixture_batches_follow_the_weights_and_resume(tmp_path, num_workers):
-  a = write_token_set(str(tmp_path / "a.json"), np.arange(3000))  # windows of a start below 3000...
-  b = write_token_set(str(tmp_path / "b.json"), np.arange(20_000, 21_000))  # ...those of b at 20000 and above
+  write_token_set(str(tmp_path / "a.json"), np.arange(3000))  # windows of a start below 3000...
+  write_token_set(str(tmp_path / "b.json"), np.arange(20_000, 21_000))  # ...those of b at 20000 and above
   mixture = str(tmp_path / "mix.json")
   tokens_lib.write_json(mixture, {"mixture": [{"path": "a.json", "weight": 0.2}, {"path": "b.json", "weight": 0.8}]})
   expected = np.concatenate(_take(data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1), 40))

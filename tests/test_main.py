@@ -1,7 +1,6 @@
 """`python -m gptjax.main` end to end in a subprocess: metrics, checkpoint, samples, clean stop on SIGINT."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
