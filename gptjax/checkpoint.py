@@ -50,7 +50,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, config, t
          val_loss: float | None = None) -> None:
   """Starts an (async) save of everything a run needs to continue exactly; returns once arrays are copied."""
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()),
-               tokenizer=ocp.args.JsonSave(_tokenizer_files(tokenizer)))
+               tokenizer=ocp.args.JsonSave(tokenizer_files(tokenizer)))
   if data_iterator is not None:
     items["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
   mngr.save(step, args=ocp.args.Composite(**items), force=True,
@@ -98,7 +98,7 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
 def check_tokenizer(mngr: ocp.CheckpointManager, step: int, tokenizer) -> None:
   """Raises ValueError when the checkpoint at `step` was trained with a different tokenizer."""
   try:
-    saved = _tokenizer_from_files(mngr.restore(step, args=ocp.args.Composite(
+    saved = tokenizer_from_files(mngr.restore(step, args=ocp.args.Composite(
         tokenizer=ocp.args.JsonRestore()))["tokenizer"])
   except Exception as e:
     raise CheckpointError(f"checkpoint {mngr.directory}/{step} has no readable tokenizer ({e})") from e
@@ -152,7 +152,7 @@ def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
   meta = mngr.restore(steps[0], args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                          tokenizer=ocp.args.JsonRestore()))
   config = ml_collections.ConfigDict(meta["config"])
-  tokenizer = _tokenizer_from_files(meta["tokenizer"])
+  tokenizer = tokenizer_from_files(meta["tokenizer"])
   model_cfg, graphdef, target = inference_target(config, config_lib.check_vocab(config, tokenizer.vocab_size), mesh)
   for s in steps:
     try:
@@ -168,19 +168,24 @@ def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
 def export(path: str, out_dir: str, dtype: str = "float32", step: int | None = None) -> str:
   """Writes a parameters-only inference checkpoint (params in `dtype`, config, tokenizer) to out_dir."""
   loaded = load_model(path, step=step)
-  params = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
+  source = path if path.startswith(HF_PREFIX) else os.path.abspath(path)
+  return write_export(out_dir, loaded.params, loaded.config, loaded.tokenizer, loaded.step, dtype, source)
+
+
+def write_export(out_dir: str, params, config, tokenizer, step: int, dtype: str = "float32", source: str = "") -> str:
+  """Writes params (cast to `dtype`), config and tokenizer as an export that `load_model` reads."""
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
   out_dir = os.path.abspath(out_dir)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out_dir, "params"), params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-      f.write(loaded.config.to_json(indent=2))
+      f.write(config.to_json(indent=2))
     with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
-      json.dump(_tokenizer_files(loaded.tokenizer), f)
+      json.dump(tokenizer_files(tokenizer), f)
     with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:  # last: marks a complete export
-      source = path if path.startswith(HF_PREFIX) else os.path.abspath(path)
-      json.dump({"step": loaded.step, "dtype": dtype, "source": source}, f, indent=2)
+      json.dump({"step": step, "dtype": dtype, "source": source}, f, indent=2)
   return out_dir
 
 
@@ -190,7 +195,7 @@ def _load_export(path: str, mesh) -> LoadedModel:
   with open(os.path.join(path, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   with open(os.path.join(path, "tokenizer.json")) as f:
-    tokenizer = _tokenizer_from_files(json.load(f))
+    tokenizer = tokenizer_from_files(json.load(f))
   model_cfg, graphdef, target = inference_target(config, config_lib.check_vocab(config, tokenizer.vocab_size), mesh,
                                                  jnp.dtype(marker["dtype"]))
   try:
@@ -219,7 +224,7 @@ def _grain_checkpoint():
   return grain.checkpoint
 
 
-def _tokenizer_files(tokenizer) -> dict:
+def tokenizer_files(tokenizer) -> dict:
   """The tokenizer's saved files as {name: base64}: a JSON item stored in every checkpoint."""
   with tempfile.TemporaryDirectory() as directory:
     tokenizer.save(directory)
@@ -230,7 +235,7 @@ def _tokenizer_files(tokenizer) -> dict:
   return files
 
 
-def _tokenizer_from_files(files: dict):
+def tokenizer_from_files(files: dict):
   with tempfile.TemporaryDirectory() as directory:
     for name, content in files.items():
       with open(os.path.join(directory, name), "wb") as f:

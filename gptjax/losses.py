@@ -42,7 +42,12 @@ def _token_losses_bwd(residuals, g_N):
 _token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
+def token_losses(h_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Cross-entropy [B, T] of logits h @ wte^T (float32) against integer targets."""
+  B, T, D = h_BTD.shape
+  return _token_losses(h_BTD.reshape(B * T, D), wte_VD, targets_BT.reshape(B * T)).reshape(B, T)
+
+
 def lm_cross_entropy(h_BTD: jax.Array, wte_VD: jax.Array, targets_BT: jax.Array) -> jax.Array:
   """Mean cross-entropy of logits h @ wte^T (float32) against integer targets."""
-  B, T, D = h_BTD.shape
-  return _token_losses(h_BTD.reshape(B * T, D), wte_VD, targets_BT.reshape(B * T)).mean()
+  return token_losses(h_BTD, wte_VD, targets_BT).mean()

@@ -1,4 +1,4 @@
-"""Pretrains a GPT: `python -m gptjax.main --config=configs/quickstart.py --workdir=runs/quickstart`.
+"""Pretrains a GPT (`--config=configs/quickstart.py`), or fine-tunes one (a config with a `task`, configs/sst2.py).
 
 Thin entry point: parses flags and the config, then hands over to `gptjax.loop.run`.
 """
@@ -14,8 +14,13 @@ def main(argv):
   del argv
   cli.quiet_libraries()
   cli.initialize_distributed()
-  from gptjax import loop  # after flag parsing: importing JAX early would ignore --xla flags in the env
-  loop.run(_CONFIG.value, cli.workdir(_WORKDIR))
+  # Imported after flag parsing: importing JAX early would ignore --xla flags in the env.
+  if "task" in _CONFIG.value:  # a fine-tuning config (gptjax/finetune/tasks.py)
+    from gptjax.finetune import run
+    run.run(_CONFIG.value, cli.workdir(_WORKDIR))
+  else:
+    from gptjax import loop
+    loop.run(_CONFIG.value, cli.workdir(_WORKDIR))
 
 
 if __name__ == "__main__":

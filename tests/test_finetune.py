@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from gptjax.data.tokenizer import CharTokenizer
-from gptjax.finetune import classify, lora, trainer
+from gptjax import config as config_lib
+from gptjax.finetune import classify, lora, tasks, trainer
 from gptjax.model import GPT, GPTConfig
 
 L, D, N, C, VOCAB, T = 2, 32, 4, 2, 32, 12
@@ -141,8 +142,11 @@ def test_tiny_classifier_learns_a_separable_task(lora_cfg, tmp_path):
   for _ in range(100):  # 100% from step ~40 (seeds 0-2, full and LoRA)
     state, out = step(state, frozen, data)
   examples = [classify.Example(f"row {i}", str(y), f"synthetic:{i}") for i, y in enumerate(data["labels"])]
-  report = classify.evaluate(predict, state["trainable"], frozen, data, examples, ["0", "1"], str(tmp_path),
-                             batch_size=24)
+  predictions = trainer.predict_all(predict, state["trainable"], frozen, data, ("tokens", "lengths", "labels"),
+                                    batch_size=24)
+  report, rows = tasks.make_task(tasks.add_task_config(config_lib.default_config(), "classify").task).report(
+      examples, ["0", "1"], data, predictions)
+  tasks.write_report(str(tmp_path), report, rows)
   assert report["accuracy"] == 1.0, (report, float(out["loss"]))
   assert json.loads((tmp_path / "report.json").read_text())["confusion"] == [[32, 0], [0, 32]]
   lines = (tmp_path / "predictions.jsonl").read_text().splitlines()

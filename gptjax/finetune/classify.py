@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.finetune import trainer
 
 # Column names tried, in order, when the caller names no text column (SST-2's is 'sentence').
 TEXT_FIELDS = ("text", "sentence")
@@ -128,11 +127,15 @@ def head_logits(head: dict, h_BTD: jax.Array, lengths_B: jax.Array) -> jax.Array
   return last_BD.astype(jnp.float32) @ head["kernel"] + head["bias"]
 
 
+def cross_entropy(logits_NC: jax.Array, labels_N: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of each row (any leading shape) against its integer label."""
+  return jax.nn.logsumexp(logits_NC, -1) - jnp.take_along_axis(logits_NC, labels_N[..., None], -1)[..., 0]
+
+
 def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """(mean cross-entropy, predicted classes [B]) of a batch {'tokens', 'lengths', 'labels'}."""
   logits_BC = head_logits(head, model(batch["tokens"], dropout_key), batch["lengths"])
-  losses_B = jax.nn.logsumexp(logits_BC, -1) - jnp.take_along_axis(logits_BC, batch["labels"][:, None], -1)[:, 0]
-  return losses_B.mean(), logits_BC.argmax(-1)
+  return cross_entropy(logits_BC, batch["labels"]).mean(), logits_BC.argmax(-1)
 
 
 def metrics(labels_N: np.ndarray, predictions_N: np.ndarray, num_classes: int) -> dict:
@@ -157,17 +160,3 @@ def arrays(tokenizer, examples: list[Example], labels: list[str], max_len: int) 
   """The batchable arrays {'tokens' [N, T], 'lengths' [N], 'labels' [N]} of examples."""
   tokens_NT, lengths_N = encode_texts(tokenizer, examples, max_len)
   return {"tokens": tokens_NT, "lengths": lengths_N, "labels": encode_labels(examples, labels)}
-
-
-def evaluate(predict, trainable: dict, frozen: dict, data: dict, examples: list[Example], labels: list[str],
-             out_dir: str, batch_size: int = 32) -> dict:
-  """Scores `data` (from `arrays`) and writes out_dir/report.json (metrics) and predictions.jsonl (one per line)."""
-  predictions_N = trainer.predict_all(predict, trainable, frozen, data, batch_size)
-  report = {"examples": len(examples), "labels": labels, **metrics(data["labels"], predictions_N, len(labels))}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-    for e, p in zip(examples, predictions_N):
-      f.write(json.dumps({"where": e.where, "text": e.text, "label": e.label, "prediction": labels[p]}) + "\n")
-  return report

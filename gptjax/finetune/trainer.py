@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptjax import train
+from gptjax import sharding, train
 from gptjax.finetune import lora
 
 
@@ -42,10 +42,10 @@ def model_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None):
   return lora.merge(frozen["base"], trainable["lora"], lora_cfg.alpha, lora_cfg.rank)
 
 
-def make_optimizer(learning_rate: float | optax.Schedule, weight_decay: float = 0.0,
-                   grad_clip: float = 1.0) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float | optax.Schedule, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
   """AdamW (decay on kernels only, as pretraining) with global-norm clipping, for the trainable tree."""
-  adamw = optax.adamw(learning_rate, weight_decay=weight_decay, mask=train.decay_mask)
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=train.decay_mask)
   return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0 else adamw
 
 
@@ -60,8 +60,11 @@ def _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg, dropo
 
 
 def make_step(graphdef, tx: optax.GradientTransformation, task_loss, lora_cfg: LoraConfig | None = None,
-              seed: int = 0):
-  """jit(step)(state, frozen, batch) -> (state, {'loss', 'grad_norm'}); the state is donated, frozen is not."""
+              seed: int = 0, mesh=None):
+  """jit(step)(state, frozen, batch) -> (state, {'loss', 'grad_norm'}); the state is donated, frozen is not.
+
+  With a `mesh`, activations stay split over its batch axes (sharding.constrain_batch).
+  """
   seed_key = jax.random.key(seed)
 
   def step(state, frozen, batch):
@@ -74,24 +77,50 @@ def make_step(graphdef, tx: optax.GradientTransformation, task_loss, lora_cfg: L
            "opt_state": opt_state}
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  return jax.jit(step, donate_argnums=0)
+  return jax.jit(step if mesh is None else sharding.under_mesh(step, mesh), donate_argnums=0)
 
 
-def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None):
+def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None, mesh=None):
   """jit(predict)(trainable, frozen, batch) -> the task's predictions, without dropout."""
-  return jax.jit(lambda trainable, frozen, batch: _task_outputs(trainable, frozen, batch, graphdef, task_loss,
-                                                                lora_cfg, None)[1])
+  predict = lambda trainable, frozen, batch: _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg,
+                                                           None)[1]
+  return jax.jit(predict if mesh is None else sharding.under_mesh(predict, mesh))
 
 
-def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, batch_size: int) -> np.ndarray:
-  """Predictions for every row of `arrays` ({name: [N, ...]}), batch_size rows per call.
+# Arrays [N, max_len] aligned with the tokens: a batch cuts them to its bucket length.
+TOKEN_KEYS = ("tokens", "labels", "targets")
 
-  The last batch is padded by repeating its first row (one compiled shape) and the padding rows dropped.
+
+def bucket_length(lengths_B: np.ndarray, max_len: int, minimum: int = 16) -> int:
+  """The smallest power of two (>= minimum, <= max_len) that holds the batch's longest row: few compiled shapes,
+  little padding."""
+  longest = int(lengths_B.max())
+  return min(max_len, max(minimum, 1 << max(longest - 1, 0).bit_length()))
+
+
+def take(arrays: dict, rows: np.ndarray, keys) -> dict:
+  """The batch `rows` of `keys`, token-aligned arrays cut to the batch's bucket length."""
+  max_len = arrays["tokens"].shape[1]
+  T = bucket_length(arrays["lengths"][rows], max_len)
+  return {k: arrays[k][rows][:, :T] if k in TOKEN_KEYS and arrays[k].ndim == 2 else arrays[k][rows] for k in keys}
+
+
+def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, keys, batch_size: int,
+                place=lambda batch: batch, token_predictions: bool = False) -> np.ndarray:
+  """Predictions for every row of `arrays` ({name: [N, ...]}) in the rows' order, batch_size rows per call.
+
+  Rows are run sorted by length, so a batch is cut to a short bucket; the last batch is padded by repeating a
+  row. Token-aligned predictions [B, T] are padded back to [N, max_len] with zeros.
   """
-  n = len(next(iter(arrays.values())))
-  outputs = []
+  n, max_len = arrays["tokens"].shape
+  order = np.argsort(arrays["lengths"], kind="stable")
+  outputs = [None] * n
   for start in range(0, n, batch_size):
-    rows = np.arange(start, start + batch_size)
-    rows[rows >= n] = start
-    outputs.append(np.asarray(predict(trainable, frozen, {k: v[rows] for k, v in arrays.items()}))[:n - start])
-  return np.concatenate(outputs)
+    rows = order[start:start + batch_size]
+    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
+    out = np.asarray(predict(trainable, frozen, place(take(arrays, padded, keys))))[:len(rows)]
+    if token_predictions:
+      out = np.pad(out, [(0, 0), (0, max_len - out.shape[1])])
+    for row, o in zip(rows, out):
+      outputs[row] = o
+  return np.stack(outputs)

@@ -1,0 +1,25 @@
+"""Sentiment classification on SST-2: a head on the last token of each sentence.
+
+  python -m gptjax.main --config=configs/sst2.py --workdir=runs/sst2 \
+      --config.checkpoint.init_from=runs/task_pretrain [--config.lora.rank=8]
+
+`get_config('DIR')` reads DIR/train.tsv and DIR/dev.tsv (default ../shared/data/sst2). The base is any run,
+export or 'hf:' GPT-2; configs/task_pretrain.py makes a small one on this machine's text.
+"""
+
+import os
+
+from gptjax.config import default_config
+from gptjax.finetune.tasks import add_task_config
+
+
+def get_config(arg=None):
+  data = arg or "../shared/data/sst2"
+  c = add_task_config(default_config(), "classify")
+  c.task.update(train_path=os.path.join(data, "train.tsv"), eval_path=os.path.join(data, "dev.tsv"), max_len=64,
+                epochs=1.0, eval_batch_size=128)
+  c.checkpoint.init_from = "runs/task_pretrain"
+  c.train.update(batch_size=32, learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=100, weight_decay=0.01,
+                 b2=0.999)
+  c.log.every_steps = 50
+  return c

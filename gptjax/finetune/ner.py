@@ -1,0 +1,172 @@
+"""Token classification (NER): the CoNLL reader, first-subword label alignment, a per-token head, entity metrics.
+
+Each word is encoded on its own with a leading space (as in running text) and its label sits on its first
+subword (the first one that is more than that space); the other subwords are ignored in the loss and in scoring. A causal model's first subword of a word
+has not seen what follows ("New" before "York"), so by default the sentence is given twice, `echo`: words EOS
+words, and the labels sit on the second copy, whose tokens have seen the whole sentence (the trick of "echo
+embeddings", Springer et al. 2024). The sequence costs twice the tokens; `task.echo=False` turns it off.
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.finetune import classify
+
+_TAG = re.compile(r"^(O|[BI]-\S+)$")
+IGNORE = -1  # label of positions that are not scored (later subwords, the first copy, padding)
+
+
+class ConllError(ValueError):
+  """Bad token-classification data; the message names file:line and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sentence:
+  """A sentence's words and BIO tags, and where it starts ('file:line')."""
+  words: tuple[str, ...]
+  tags: tuple[str, ...]
+  where: str
+
+
+def read_conll(path: str) -> list[Sentence]:
+  """Sentences of a CoNLL file: one 'WORD [other columns] TAG' line per word, blank lines between sentences.
+
+  -DOCSTART- lines are skipped; the tag is the last column and must be BIO ('O', 'B-TYPE' or 'I-TYPE').
+  """
+  sentences, words, tags, start = [], [], [], 0
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      columns = line.split()
+      if columns and columns[0] == "-DOCSTART-":
+        continue
+      if not columns:
+        if words:
+          sentences.append(Sentence(tuple(words), tuple(tags), f"{path}:{start}"))
+        words, tags = [], []
+        continue
+      if len(columns) < 2:
+        raise ConllError(f"{path}:{line_no}: {line.strip()!r} has one column; each line must be 'WORD TAG' "
+                         "(word first, BIO tag last, other columns between), sentences separated by blank lines.")
+      if not _TAG.match(columns[-1]):
+        raise ConllError(f"{path}:{line_no}: tag {columns[-1]!r} is not BIO ('O', 'B-TYPE' or 'I-TYPE'); "
+                         "the tag must be the last column.")
+      start = start if words else line_no
+      words.append(columns[0])
+      tags.append(columns[-1])
+  if words:
+    sentences.append(Sentence(tuple(words), tuple(tags), f"{path}:{start}"))
+  if not sentences:
+    raise ConllError(f"{path}: holds no sentences; it needs 'WORD TAG' lines.")
+  return sentences
+
+
+def label_vocab(sentences: list[Sentence]) -> list[str]:
+  """The training tags, sorted: tag i is labels[i]."""
+  return sorted({t for s in sentences for t in s.tags})
+
+
+def encode(tokenizer, sentences: list[Sentence], labels: list[str], max_len: int, echo: bool = True) -> dict:
+  """Batchable arrays of sentences.
+
+  'tokens' [N, max_len] (right-padded with EOS), 'lengths' [N], 'labels' [N, max_len] (the tag id on each word's
+  first subword of the scored copy, IGNORE elsewhere), 'word_positions' [N, W] (where word i's label sits, -1
+  for words cut off by max_len and for padding). A tag not in `labels` is an error naming file:line.
+  """
+  index = {tag: i for i, tag in enumerate(labels)}
+  blank = {}  # token id -> whether it decodes to whitespace only
+  longest = max(len(s.words) for s in sentences)
+  arrays = {"tokens": np.full((len(sentences), max_len), tokenizer.eos_id, np.int32),
+            "lengths": np.zeros(len(sentences), np.int32),
+            "labels": np.full((len(sentences), max_len), IGNORE, np.int32),
+            "word_positions": np.full((len(sentences), longest), -1, np.int32)}
+  for n, s in enumerate(sentences):
+    unknown = [t for t in s.tags if t not in index]
+    if unknown:
+      raise ConllError(f"{s.where}: tag {unknown[0]!r} is not among the training tags {labels}; fix the tag or add "
+                       "examples of it to the training file.")
+    pieces = tokenizer.encode_batch([" " + w for w in s.words])
+    ids = np.concatenate(pieces).astype(np.int32)
+    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]]) + [_first_visible(tokenizer, p, blank) for p in pieces]
+    # The scored copy starts after the first one and its EOS; a copy is cut to fit max_len.
+    copy_len = min(len(ids), (max_len - 1) // 2 if echo else max_len)
+    offset = copy_len + 1 if echo else 0
+    row = np.concatenate([ids[:copy_len], [tokenizer.eos_id], ids[:copy_len]]) if echo else ids[:copy_len]
+    arrays["tokens"][n, :len(row)] = row
+    arrays["lengths"][n] = len(row)
+    kept = starts < copy_len
+    positions = offset + starts[kept]
+    arrays["word_positions"][n, :kept.sum()] = positions
+    arrays["labels"][n, positions] = [index[t] for t in np.array(s.tags)[kept]]
+  return arrays
+
+
+def _first_visible(tokenizer, piece_ids: np.ndarray, blank: dict) -> int:
+  """Index of a word's first subword that is not only the leading space (a char-level or rare-word tokenization
+  may give the space a token of its own, which cannot tell the word)."""
+  for i, token in enumerate(piece_ids):
+    if token not in blank:
+      blank[token] = not tokenizer.decode([token]).strip()
+    if not blank[token]:
+      return i
+  return 0
+
+
+def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy over labelled positions, predicted tag ids [B, T]) of {'tokens', 'labels', ...}."""
+  logits_BTC = model(batch["tokens"], dropout_key).astype(jnp.float32) @ head["kernel"] + head["bias"]
+  labels_BT = batch["labels"]
+  scored_BT = labels_BT != IGNORE
+  losses_BT = classify.cross_entropy(logits_BTC, jnp.where(scored_BT, labels_BT, 0))
+  return (losses_BT * scored_BT).sum() / jnp.maximum(scored_BT.sum(), 1), logits_BTC.argmax(-1)
+
+
+def word_predictions(sentences: list[Sentence], word_positions_NW: np.ndarray, predictions_NT: np.ndarray,
+                     labels: list[str]) -> list[list[str]]:
+  """Each sentence's predicted tags, one per word; a word cut off by max_len is predicted 'O'."""
+  out = []
+  for s, positions, predicted in zip(sentences, word_positions_NW, predictions_NT):
+    out.append([labels[predicted[p]] if p >= 0 else "O" for p in positions[:len(s.words)]])
+  return out
+
+
+def entities(tags) -> set[tuple[str, int, int]]:
+  """(type, first, last) word spans of a BIO sequence, as seqeval reads them.
+
+  An entity ends at O, at B-, or where the type changes; an I- that does not continue an entity of its type
+  starts one (seqeval's default, lenient about I- after O).
+  """
+  spans, kind, first = set(), None, 0
+  for i, tag in enumerate(list(tags) + ["O"]):
+    prefix, _, tag_type = tag.partition("-")
+    if kind is not None and (prefix != "I" or tag_type != kind):
+      spans.add((kind, first, i - 1))
+      kind = None
+    if prefix == "B" or (prefix == "I" and kind is None):
+      kind, first = tag_type, i
+  return spans
+
+
+def _prf(true_positives: int, predicted: int, gold: int) -> dict:
+  precision = true_positives / predicted if predicted else 0.0
+  recall = true_positives / gold if gold else 0.0
+  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+  return {"precision": precision, "recall": recall, "f1": f1, "support": gold}
+
+
+def metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+  """Token accuracy over words and entity-level micro precision/recall/F1 (exact spans), plus per entity type."""
+  words = sum(len(g) for g in gold)
+  correct = sum(g == p for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps))
+  gold_spans = {(n,) + e for n, tags in enumerate(gold) for e in entities(tags)}
+  predicted_spans = {(n,) + e for n, tags in enumerate(predicted) for e in entities(tags)}
+  hits = gold_spans & predicted_spans
+  per_type = {}
+  for kind in sorted({e[1] for e in gold_spans | predicted_spans}):
+    count = lambda spans: sum(e[1] == kind for e in spans)  # pylint: disable=cell-var-from-loop
+    per_type[kind] = _prf(count(hits), count(predicted_spans), count(gold_spans))
+  return {"token_accuracy": correct / max(words, 1), "words": words,
+          **_prf(len(hits), len(predicted_spans), len(gold_spans)), "per_type": per_type}

@@ -1,0 +1,116 @@
+"""A fine-tuned model on disk: what was trained (LoRA adapters + head, or the whole model + head), kept apart.
+
+  <dir>/task.json    task and LoRA settings, labels, the base model's config and tokenizer, where the base is
+  <dir>/trainable/   Orbax: {'lora', 'head'} (LoRA: a few MB, the base is read from its own checkpoint)
+                     or {'base', 'head'} (full fine-tuning)
+
+`load` rebuilds it on top of the recorded base, or another copy of it (`base=`); a base whose tokenizer differs
+from the one the adapters were trained with is refused.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from gptjax import checkpoint, config as config_lib, sharding
+from gptjax.finetune import lora, tasks, trainer
+from gptjax.model import GPT, GPTConfig
+
+TASK_FILE = "task.json"
+
+
+@dataclasses.dataclass
+class FineTuned:
+  """Everything needed to run a fine-tuned model: `trainer.make_predict(graphdef, task.loss, lora_cfg)`."""
+  config: ml_collections.ConfigDict  # the fine-tuning config (task, lora, train sections)
+  base_config: ml_collections.ConfigDict
+  labels: list[str]
+  graphdef: nnx.GraphDef
+  trainable: dict
+  frozen: dict
+  lora_cfg: trainer.LoraConfig | None
+  tokenizer: object
+  step: int
+
+
+def lora_config(config) -> trainer.LoraConfig | None:
+  """The LoraConfig of a config's `lora` section; None for full fine-tuning (rank 0)."""
+  if config.lora.rank == 0:
+    return None
+  targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
+  return trainer.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=targets)
+
+
+def save(out_dir: str, config, base_config, labels: list[str], trainable: dict, tokenizer, step: int) -> str:
+  """Writes trainable + task.json to out_dir, replacing an earlier save only once the new one is complete."""
+  out_dir = os.path.abspath(out_dir)
+  partial = out_dir + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(partial, "trainable"), trainable)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    meta = {"config": config.to_dict(), "base_config": base_config.to_dict(), "labels": labels, "step": step,
+            "tokenizer": checkpoint.tokenizer_files(tokenizer)}
+    with open(os.path.join(partial, TASK_FILE), "w") as f:
+      json.dump(meta, f)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+  return out_dir
+
+
+def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
+  """A fine-tuned model from `path` (a fine-tuning workdir or its finetuned/ directory), placed on `mesh`.
+
+  LoRA adapters go on top of `base` (default: the checkpoint.init_from they were trained from).
+  """
+  directory = path if os.path.exists(os.path.join(path, TASK_FILE)) else os.path.join(path, "finetuned")
+  if not os.path.exists(os.path.join(directory, TASK_FILE)):
+    raise FileNotFoundError(f"{path!r} holds no fine-tuned model ({TASK_FILE} missing): pass the workdir of a "
+                            "fine-tuning run or its finetuned/ directory.")
+  with open(os.path.join(directory, TASK_FILE)) as f:
+    meta = json.load(f)
+  config = ml_collections.ConfigDict(meta["config"])
+  base_config = ml_collections.ConfigDict(meta["base_config"])
+  tokenizer = checkpoint.tokenizer_from_files(meta["tokenizer"])
+  lora_cfg = lora_config(config)
+  model_cfg, _, params_target = checkpoint.inference_target(
+      base_config, config_lib.check_vocab(base_config, tokenizer.vocab_size), mesh)
+  replicated = params_target["wte"]["embedding"].sharding.mesh  # the mesh inference_target placed params on
+  replicated = sharding.replicated(replicated)
+  place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+  head_target = place(jax.eval_shape(lambda: _init_head(config, base_config, len(meta["labels"]))))
+  if lora_cfg is None:
+    frozen, target = {}, {"base": params_target, "head": head_target}
+  else:
+    loaded = checkpoint.load_model(base or config.checkpoint.init_from, mesh)
+    if loaded.tokenizer.fingerprint != tokenizer.fingerprint:
+      raise ValueError(f"the base model {base or config.checkpoint.init_from!r} has tokenizer "
+                       f"{loaded.tokenizer.fingerprint}, the adapters in {directory} were trained with "
+                       f"{tokenizer.fingerprint}; load them onto the model they were trained from.")
+    frozen = {"base": loaded.params}
+    adapters = jax.eval_shape(lambda: lora.init_adapters(loaded.params, lora_cfg.targets, lora_cfg.rank,
+                                                         jax.random.key(0)))
+    target = {"lora": place(adapters), "head": head_target}
+  try:
+    trainable = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "trainable"), target)
+  except Exception as e:  # Orbax raises many types for missing or corrupt files
+    raise checkpoint.CheckpointError(f"{directory}/trainable cannot be read ({type(e).__name__}: {str(e)[:300]});"
+                                     " fine-tune again or restore the directory.") from e
+  return FineTuned(config, base_config, meta["labels"], graphdef_of(model_cfg), trainable, frozen, lora_cfg,
+                   tokenizer, meta["step"])
+
+
+def _init_head(config, base_config, n_labels: int) -> dict:
+  return tasks.make_task(config.task).init_head(base_config.model.n_embd, n_labels, jax.random.key(0))
+
+
+def graphdef_of(model_cfg: GPTConfig, dropout: float = 0.0) -> nnx.GraphDef:
+  """The NNX graph of a GPT of this shape with the given dropout rate."""
+  return nnx.split(nnx.eval_shape(lambda: GPT(dataclasses.replace(model_cfg, dropout=dropout), nnx.Rngs(0))))[0]

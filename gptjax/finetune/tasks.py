@@ -1,0 +1,155 @@
+"""The fine-tuning tasks behind one interface, and the config sections (`task`, `lora`) that choose them.
+
+A task config is `default_config()` plus `add_task_config(c)`; `python -m gptjax.main` fine-tunes when the
+config has a `task` section (see configs/sst2.py, configs/conll2003_ner.py, configs/sft.py).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from gptjax.config import ConfigError
+from gptjax.finetune import classify, ner, sft
+
+KINDS = ("classify", "ner", "sft")
+
+
+def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+  """Adds the documented `task` and `lora` sections to a config (in place) and returns it."""
+  c.task = t = ml_collections.ConfigDict()
+  # 'classify' (a label per text), 'ner' (a BIO tag per word, CoNLL files) or 'sft' (responses to prompts).
+  t.kind = kind
+  # Training and evaluation files: TSV/CSV/JSONL with text and label (classify), CoNLL (ner), JSONL (sft).
+  t.train_path = ""
+  t.eval_path = ""
+  # Classification columns ('' text column = 'text' or 'sentence', whichever the file has).
+  t.text_field = ""
+  t.label_field = "label"
+  # SFT fields: prompt/response pairs, or a list of {'role', 'content'} turns.
+  t.prompt_field = "prompt"
+  t.response_field = "response"
+  t.messages_field = "messages"
+  # Tokens per example (0 = the model's block_size); longer examples are cut (and counted in the log).
+  t.max_len = 0
+  # NER: give the sentence twice and label the second copy, so each word's token has seen the whole sentence.
+  t.echo = True
+  # Passes over the training file; sets train.steps (0 = use train.steps).
+  t.epochs = 3.0
+  # Rows per evaluation call.
+  t.eval_batch_size = 64
+  # SFT: greedy responses generated for this many eval rows into predictions.jsonl.
+  t.generate = 8
+  # Tokens generated per SFT response.
+  t.generate_tokens = 128
+  # Dropout while fine-tuning (-1 = the base model's).
+  t.dropout = -1.0
+  # Also write the fine-tuned GPT (LoRA merged into the base) as an export: workdir/merged.
+  t.export_merged = True
+
+  c.lora = lo = ml_collections.ConfigDict()
+  # LoRA rank; 0 = full fine-tuning (every base parameter trained).
+  lo.rank = 0
+  # Scale numerator: updates are W + (alpha / rank) A B.
+  lo.alpha = 16.0
+  # Comma-separated projections that get adapters: qkv, out (attention), fc, proj (MLP).
+  lo.targets = "qkv,out,fc,proj"
+  # The run starts from checkpoint.init_from: a run's workdir, an export, or 'hf:<GPT-2 dir or name>'.
+  c.checkpoint.every_steps = 0
+  return c
+
+
+def validate(config) -> None:
+  """ConfigErrors naming the field and the fix for task settings that cannot work."""
+  t = config.task
+  if t.kind not in KINDS:
+    raise ConfigError(f"task.kind={t.kind!r}: choose one of {KINDS}.")
+  for field in ("train_path", "eval_path"):
+    if not t[field]:
+      raise ConfigError(f"task.{field} is empty; give the {field.split('_')[0]} file.")
+    if not os.path.isfile(t[field]):
+      raise ConfigError(f"task.{field}={t[field]!r} does not exist; give an existing file.")
+  if not config.checkpoint.init_from:
+    raise ConfigError("checkpoint.init_from is empty: fine-tuning needs a base model (a run's workdir, an export "
+                      "or 'hf:<GPT-2 dir or name>').")
+  if config.lora.rank < 0:
+    raise ConfigError(f"lora.rank={config.lora.rank}: use 0 (full fine-tuning) or a positive rank.")
+  if t.epochs < 0 or (t.epochs == 0 and config.train.steps <= 0):
+    raise ConfigError(f"task.epochs={t.epochs}, train.steps={config.train.steps}: one of them must be positive.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What the runner needs of a task."""
+  read: Callable[[str], list]  # path -> examples
+  label_vocab: Callable[[list], list[str]]  # training examples -> labels ([] for sft)
+  encode: Callable[..., dict]  # (tokenizer, examples, labels, max_len) -> {name: [N, ...]}
+  init_head: Callable[[int, int, jax.Array], dict]  # (n_embd, labels, key) -> head params
+  loss: Callable  # (model, head, batch, dropout_key) -> (loss, predictions)
+  report: Callable[..., tuple[dict, list[dict]]]  # (examples, labels, arrays, predictions) -> (metrics, rows)
+  headline: tuple[str, ...]  # metric names printed after each evaluation
+  batch_keys: tuple[str, ...]  # the arrays the loss reads
+  token_predictions: bool = False  # predictions are [B, T] (one per token), not one per row
+
+
+def _classify_report(examples, labels, data, predictions_N):
+  report = {"examples": len(examples), "labels": labels, **classify.metrics(data["labels"], predictions_N,
+                                                                               len(labels))}
+  rows = [{"where": e.where, "text": e.text, "label": e.label, "prediction": labels[p]}
+          for e, p in zip(examples, predictions_N)]
+  return report, rows
+
+
+def _ner_report(sentences, labels, data, predictions_NT):
+  predicted = ner.word_predictions(sentences, data["word_positions"], predictions_NT, labels)
+  cut = int(sum(len(s.words) for s in sentences) - (data["word_positions"] >= 0).sum())
+  report = {"sentences": len(sentences), "labels": labels, "words_cut_by_max_len": cut,
+            **ner.metrics([list(s.tags) for s in sentences], predicted)}
+  rows = [{"where": s.where, "words": list(s.words), "tags": list(s.tags), "predicted": p}
+          for s, p in zip(sentences, predicted)]
+  return report, rows
+
+
+def _sft_report(conversations, labels, data, per_row_N3):
+  del labels, data
+  rows = [{"where": c.where, "prompt": sft.prompt_text(c.turns[:-1]), "response": c.turns[-1][1],
+           "response_loss": float(nats / max(n, 1))} for c, (nats, n, _) in zip(conversations, per_row_N3)]
+  return {"conversations": len(conversations), **sft.metrics(per_row_N3)}, rows
+
+
+def make_task(task_cfg) -> Task:
+  """The Task of a config's `task` section."""
+  if task_cfg.kind == "classify":
+    return Task(lambda p: classify.read_examples(p, task_cfg.text_field or None, task_cfg.label_field),
+                classify.label_vocab, classify.arrays, classify.init_head, classify.loss, _classify_report,
+                ("accuracy",), ("tokens", "lengths", "labels"))
+  if task_cfg.kind == "ner":
+    return Task(ner.read_conll, ner.label_vocab,
+                lambda tok, ex, labels, n: ner.encode(tok, ex, labels, n, task_cfg.echo), classify.init_head,
+                ner.loss, _ner_report, ("token_accuracy", "f1"), ("tokens", "labels"), token_predictions=True)
+  if task_cfg.kind == "sft":
+    return Task(lambda p: sft.read_conversations(p, task_cfg.prompt_field, task_cfg.response_field,
+                                                 task_cfg.messages_field),
+                lambda examples: [], lambda tok, ex, labels, n: sft.encode(tok, ex, n),
+                lambda n_embd, n_labels, key: {}, sft.loss, _sft_report, ("loss", "token_accuracy"), ("tokens", "targets"))
+  raise ConfigError(f"task.kind={task_cfg.kind!r}: choose one of {KINDS}.")
+
+
+def write_report(out_dir: str, report: dict, rows: list[dict]) -> None:
+  """out_dir/report.json (metrics) and out_dir/predictions.jsonl (one row per example)."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2, default=_json_number)
+  with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+    for row in rows:
+      f.write(json.dumps(row, default=_json_number) + "\n")
+
+
+def _json_number(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  raise TypeError(f"{type(x).__name__} is not JSON serializable")
