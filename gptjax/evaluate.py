@@ -1,6 +1,7 @@
-"""Loss, perplexity and bits per byte of a model on text files.
+"""Loss, perplexity and bits per byte of a model on text files; or a fine-tuned model's task metrics on a file.
 
   python -m gptjax.evaluate --workdir=runs/small --data='corpus/test/*.txt' [--step=N] [--batch_size=8]
+  python -m gptjax.evaluate --workdir=runs/ner --data=test.txt [--out=DIR] [--base=BASE]   (fine-tuned)
 
 `--workdir` is a run directory (its latest checkpoint) or an exported model; `--data` is a file, a directory, a
 glob or a JSONL/Parquet file, as `data.path` (several: comma-separated). Each document is scored after an
@@ -17,6 +18,7 @@ bits_per_byte, tokens and bytes.
 import functools
 import json
 import math
+import os
 from typing import Iterable
 
 import jax
@@ -82,8 +84,17 @@ def evaluate_texts(params, graphdef, tokenizer, texts: Iterable[str], batch_size
 def main(argv):
   del argv
   from gptjax import checkpoint, cli, data
+  from gptjax.finetune import run as finetune_run, store
   cli.quiet_libraries()
   f = flags.FLAGS
+  if os.path.exists(os.path.join(f.workdir, "finetuned", store.TASK_FILE)):  # a fine-tuned task model
+    if len(f.data) != 1:
+      raise app.UsageError("a fine-tuned model scores one file in its task's format: pass one --data file.")
+    out = f.out or os.path.join(f.workdir, "eval-" + os.path.basename(f.data[0]))
+    report = finetune_run.evaluate_file(f.workdir, f.data[0], out, base=f.base)
+    print(f"wrote {out}/report.json and predictions.jsonl")
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
+    return
   loaded = checkpoint.load_model(f.workdir, step=f.step)
   texts = [text for path in f.data for text, _ in data.open_corpus(path).documents()]
   result = evaluate_texts(loaded.params, loaded.graphdef, loaded.tokenizer, texts, f.batch_size, progress=True)
@@ -98,4 +109,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("data", None, "Text to score: files, directories or globs, comma-separated.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable one).")
   flags.DEFINE_integer("batch_size", 8, "Windows of block_size tokens scored per batch.")
+  flags.DEFINE_string("out", None, "Fine-tuned models: directory for report.json and predictions.jsonl "
+                      "(default <workdir>/eval-<data file name>).")
+  flags.DEFINE_string("base", None, "Fine-tuned LoRA models: the base to put the adapters on (default: the one "
+                      "they were trained from).")
   app.run(main)

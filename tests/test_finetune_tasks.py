@@ -1,0 +1,243 @@
+"""Fine-tuning tasks: NER alignment and metrics, SFT masks, readers' errors, and whole runs through the runner."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import tiny_config
+
+from gptjax import checkpoint
+from gptjax.data.tokenizer import CharTokenizer
+from gptjax.finetune import ner, run as finetune_run, sft, store, tasks, trainer
+from gptjax.model import GPT, GPTConfig
+
+WORDS = ["Paris", "London", "the", "went", "to", "John", "Mary", "city", "big", "saw", "."]
+TAGS = {"Paris": "B-LOC", "London": "B-LOC", "John": "B-PER", "Mary": "B-PER"}
+
+
+def _char_tokenizer(text=" ".join(WORDS) + "EUrejctsGmanhiyo#:ASU\n"):
+  return CharTokenizer.train([text])
+
+
+def test_ner_labels_sit_on_each_words_first_subword():
+  tok = _char_tokenizer()
+  s = ner.Sentence(("EU", "rejects", "German"), ("B-ORG", "O", "B-MISC"), "f:1")
+  labels = ["B-MISC", "B-ORG", "O"]
+  ids = np.concatenate(tok.encode_batch([" EU", " rejects", " German"]))  # 3 + 8 + 7 characters
+  # Each word's first subword is its first letter (the space before it is a token of its own here).
+  plain = ner.encode(tok, [s], labels, max_len=24, echo=False)
+  np.testing.assert_array_equal(plain["tokens"][0, :18], ids)
+  expected = np.full(24, ner.IGNORE)
+  expected[[1, 4, 12]] = [1, 2, 0]
+  np.testing.assert_array_equal(plain["labels"][0], expected)
+  np.testing.assert_array_equal(plain["word_positions"][0], [1, 4, 12])
+  # Echo: words EOS words; the labels move to the second copy, whose tokens have seen the whole sentence.
+  echo = ner.encode(tok, [s], labels, max_len=40, echo=True)
+  np.testing.assert_array_equal(echo["tokens"][0, :37], np.concatenate([ids, [tok.eos_id], ids]))
+  assert echo["lengths"][0] == 37
+  np.testing.assert_array_equal(np.flatnonzero(echo["labels"][0] != ner.IGNORE), [20, 23, 31])
+  # A cut sentence keeps the words whose first subword fits; the rest are predicted 'O' and scored.
+  cut = ner.encode(tok, [s], labels, max_len=9, echo=False)
+  np.testing.assert_array_equal(cut["word_positions"][0], [1, 4, -1])
+  predictions = np.zeros((1, 9), np.int32)
+  predictions[0, [1, 4]] = [1, 2]
+  assert ner.word_predictions([s], cut["word_positions"], predictions, labels) == [["B-ORG", "O", "O"]]
+
+
+def test_entity_metrics_count_partial_spans_wrong():
+  gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "I-ORG", "I-ORG"]]
+  predicted = [["B-PER", "O", "O", "B-LOC"], ["B-ORG", "I-ORG", "I-ORG"]]
+  m = ner.metrics(gold, predicted)
+  assert m["token_accuracy"] == 6 / 7 and m["words"] == 7
+  # Gold PER(0-1), LOC(3), ORG(0-2); predicted PER(0) is only part of its span: 2 of 3 right each way.
+  assert m["precision"] == m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+  assert m["per_type"]["PER"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+  assert m["per_type"]["ORG"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+  # seqeval's reading of sloppy BIO: I- after O starts an entity; a type change ends one; B- splits.
+  assert ner.entities(["O", "I-LOC", "I-LOC", "I-PER", "B-PER", "B-PER", "I-PER"]) == {
+      ("LOC", 1, 2), ("PER", 3, 3), ("PER", 4, 4), ("PER", 5, 6)}
+  wrong_type = ner.metrics([["B-LOC", "I-LOC"]], [["B-ORG", "I-ORG"]])
+  assert (wrong_type["token_accuracy"], wrong_type["f1"]) == (0.0, 0.0)
+
+
+def test_conll_errors_name_file_and_line(tmp_path):
+  good = tmp_path / "good.txt"
+  good.write_text("-DOCSTART- -X- O O\n\nEU NNP B-ORG\nrejects VBZ O\n\n\nPeter B-PER\n")
+  sentences = ner.read_conll(str(good))
+  assert [(s.words, s.tags, s.where) for s in sentences] == [
+      (("EU", "rejects"), ("B-ORG", "O"), f"{good}:3"), (("Peter",), ("B-PER",), f"{good}:7")]
+  one_column = tmp_path / "one.txt"
+  one_column.write_text("EU B-ORG\nrejects\n")
+  with pytest.raises(ner.ConllError, match=f"{one_column}:2: 'rejects' has one column"):
+    ner.read_conll(str(one_column))
+  bad_tag = tmp_path / "tag.txt"
+  bad_tag.write_text("EU B-ORG\n\nx ORG\n")
+  with pytest.raises(ner.ConllError, match=f"{bad_tag}:3: tag 'ORG' is not BIO"):
+    ner.read_conll(str(bad_tag))
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n")
+  with pytest.raises(ner.ConllError, match="holds no sentences"):
+    ner.read_conll(str(empty))
+  with pytest.raises(ner.ConllError, match=f"{good}:7: tag 'B-PER' is not among the training tags"):
+    ner.encode(_char_tokenizer(), sentences, ["B-ORG", "O"], 16)
+
+
+def test_sft_trains_on_responses_and_their_end_only(tmp_path):
+  tok = _char_tokenizer()
+  conversation = sft.Conversation((("user", "hi"), ("assistant", "yo")), "f:1")
+  data = sft.encode(tok, [conversation], max_len=48)
+  text = "### User:\nhi\n\n### Assistant:\n"
+  n = len(text)
+  np.testing.assert_array_equal(data["tokens"][0, :n + 3], np.concatenate([tok.encode(text), tok.encode("yo"),
+                                                                           [tok.eos_id]]))
+  np.testing.assert_array_equal(np.flatnonzero(data["targets"][0]), [n, n + 1, n + 2])  # 'y', 'o', EOS
+  assert sft.prompt_text(conversation.turns[:-1]) == text
+  with pytest.raises(sft.SftDataError, match="f:1: no response token fits in task.max_len=20"):
+    sft.encode(tok, [conversation], max_len=20)
+
+  rows = tmp_path / "chat.jsonl"
+  rows.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n\n" + json.dumps(
+      {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "r"}]}) + "\n")
+  read = sft.read_conversations(str(rows))
+  assert [c.turns for c in read] == [(("user", "a"), ("assistant", "b")),
+                                     (("system", "s"), ("user", "u"), ("assistant", "r"))]
+  assert read[1].where == f"{rows}:3"
+  for row, message in [({"question": "a"}, ":1: needs 'prompt' and 'response'"),
+                       ({"prompt": "a", "response": " "}, ":1: a assistant turn has empty"),
+                       ({"messages": [{"role": "bot", "content": "x"}]}, ":1: role 'bot'"),
+                       ({"messages": [{"role": "user", "content": "x"}]}, ":1: the last turn must be the assistant")]:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(sft.SftDataError, match=message):
+      sft.read_conversations(str(bad))
+
+
+def _base_model(tmp_path, tokenizer, block_size=64):
+  """An export of a random tiny GPT with `tokenizer`: the starting point of the runs below."""
+  c = tiny_config(block_size=block_size)
+  vocab = -(-tokenizer.vocab_size // 8) * 8
+  params = nnx.to_pure_dict(nnx.state(GPT(GPTConfig.from_config(c.model, vocab), nnx.Rngs(0))))
+  return checkpoint.write_export(str(tmp_path / "base"), params, c, tokenizer, step=0)
+
+
+def _write_conll(path, n, seed):
+  rnd = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      f.writelines(f"{w} {TAGS.get(w, 'O')}\n" for w in rnd.choices(WORDS, k=6))
+      f.write("\n")
+  return str(path)
+
+
+def _ner_config(tmp_path, base, rank, mesh=(-1, 1, 1)):
+  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=3e-3, mesh=mesh), "ner")
+  c.task.update(train_path=_write_conll(tmp_path / "train.txt", 64, 0),
+                eval_path=_write_conll(tmp_path / "dev.txt", 16, 1), epochs=4, eval_batch_size=8)
+  c.checkpoint.init_from = base
+  c.lora.rank = rank
+  c.log.update(every_steps=8, tensorboard=False)
+  return c
+
+
+@pytest.mark.parametrize("rank, mesh", [(0, (-1, 1, 1)), (4, (2, 2, 2))], ids=["full-data8", "lora-2x2x2"])
+def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh):
+  tok = _char_tokenizer()
+  base = _base_model(tmp_path, tok)
+  workdir = tmp_path / "run"
+  summary = finetune_run.run(_ner_config(tmp_path, base, rank, mesh), str(workdir))
+  report = summary["report"]
+  assert report["token_accuracy"] >= 0.95 and report["f1"] >= 0.9, report
+  assert json.loads((workdir / "eval" / "report.json").read_text())["f1"] == report["f1"]
+  assert len((workdir / "eval" / "predictions.jsonl").read_text().splitlines()) == 16
+
+  tuned = store.load(str(workdir))
+  # LoRA saves only what it trained: adapters and head, a fraction of the base.
+  assert set(tuned.trainable) == ({"lora", "head"} if rank else {"base", "head"})
+  if rank:
+    assert summary["trainable_parameters"] < summary["base_parameters"] / 5
+    assert summary["memory_mib"]["state_mib"] < summary["memory_mib"]["frozen_mib"]
+  # Scoring the saved model on the eval file reproduces the run's report exactly.
+  again = finetune_run.evaluate_file(str(workdir), str(tmp_path / "dev.txt"), str(tmp_path / "again"))
+  assert again == json.loads(json.dumps(report))
+  # The merged export is the tuned GPT: same hidden states as base + adapters.
+  merged = checkpoint.load_model(str(workdir / "merged"))
+  tokens = ner.encode(tok, ner.read_conll(str(tmp_path / "dev.txt")), report["labels"], 64)["tokens"][:4]
+  hidden = lambda graphdef, params: np.asarray(nnx.merge(graphdef, params)(tokens))
+  np.testing.assert_allclose(hidden(merged.graphdef, merged.params),
+                             hidden(tuned.graphdef, trainer.model_params(tuned.trainable, tuned.frozen,
+                                                                         tuned.lora_cfg)), atol=1e-5)
+  if rank:  # adapters only fit the tokenizer (and base) they were trained with
+    other = _base_model(tmp_path / "other", _char_tokenizer("abc"))
+    with pytest.raises(ValueError, match="were trained with"):
+      store.load(str(workdir), base=other)
+
+
+def test_sft_and_classification_runs(tmp_path):
+  tok = _char_tokenizer()
+  base = _base_model(tmp_path, tok)
+  pairs = [{"prompt": w, "response": w[::-1][:3]} for w in WORDS]
+  (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs * 8))
+  (tmp_path / "dev.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=3e-3, mesh=(-1, 1, 1)), "sft")
+  c.task.update(train_path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "dev.jsonl"), epochs=4,
+                eval_batch_size=8, generate=2, generate_tokens=6)
+  c.checkpoint.init_from = base
+  c.log.update(every_steps=10, tensorboard=False)
+  summary = finetune_run.run(c, str(tmp_path / "sft"))
+  evals = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+           if "eval_loss" in line]
+  # A random model's loss is ln(vocab) = 3.5 nats; the responses are learned (0.66 -> 0.80 accuracy, seed 0).
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < np.log(tok.vocab_size), evals
+  assert evals[-1]["eval_token_accuracy"] >= 0.75, evals
+  assert summary["report"]["tokens"] == sum(len(p["response"]) + 1 for p in pairs)  # response + EOS
+  rows = [json.loads(line) for line in (tmp_path / "sft" / "eval" / "predictions.jsonl").read_text().splitlines()]
+  assert rows[0]["prompt"] == "### User:\nParis\n\n### Assistant:\n" and "generated" in rows[1]
+  assert "generated" not in rows[2]
+
+  (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(
+      f"{w} {w[0]}\t{'name' if w[0].isupper() else 'other'}\n" for w in WORDS * 16))
+  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=1e-2, mesh=(-1, 1, 1)), "classify")
+  c.task.update(train_path=str(tmp_path / "train.tsv"), eval_path=str(tmp_path / "train.tsv"), epochs=3,
+                eval_batch_size=8)
+  c.checkpoint.init_from = base
+  c.lora.rank = 4
+  c.log.update(every_steps=10, tensorboard=False)
+  report = finetune_run.run(c, str(tmp_path / "cls"))["report"]
+  assert report["accuracy"] == 1.0 and report["labels"] == ["name", "other"], report
+
+
+def test_bad_task_configs_are_rejected(tmp_path):
+  c = tasks.add_task_config(tiny_config(), "ner")
+  with pytest.raises(ValueError, match="task.train_path is empty"):
+    tasks.validate(c)
+  c.task.update(train_path=str(tmp_path / "missing.txt"), eval_path=str(tmp_path / "missing.txt"))
+  with pytest.raises(ValueError, match="missing.txt' does not exist"):
+    tasks.validate(c)
+  (tmp_path / "t.txt").write_text("EU B-ORG\n")
+  c.task.update(train_path=str(tmp_path / "t.txt"), eval_path=str(tmp_path / "t.txt"))
+  with pytest.raises(ValueError, match="checkpoint.init_from is empty"):
+    tasks.validate(c)
+  c.checkpoint.init_from = "somewhere"
+  c.task.kind = "qa"
+  with pytest.raises(ValueError, match="task.kind='qa'"):
+    tasks.validate(c)
+
+
+def test_evaluate_cli_scores_a_fine_tuned_model(tmp_path):
+  base = _base_model(tmp_path, _char_tokenizer())
+  workdir = tmp_path / "run"
+  c = _ner_config(tmp_path, base, rank=2)
+  c.task.epochs = 1
+  finetune_run.run(c, str(workdir))
+  out = subprocess.run([sys.executable, "-m", "gptjax.evaluate", f"--workdir={workdir}",
+                        f"--data={tmp_path / 'dev.txt'}", f"--out={tmp_path / 'cli'}"],
+                       capture_output=True, text=True, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["token_accuracy"] == json.loads((workdir / "eval" / "report.json").read_text())["token_accuracy"]
+  assert (tmp_path / "cli" / "predictions.jsonl").exists()
