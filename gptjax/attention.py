@@ -2,26 +2,42 @@
 
 'xla' and 'cudnn' are `jax.nn.dot_product_attention`'s implementations. 'causal_blocks' splits the queries
 into blocks and lets each attend only to keys up to its own end, skipping the fully masked upper triangle
-that XLA:CPU otherwise computes and throws away (about half the work at long contexts).
+that XLA:CPU otherwise computes and throws away (about half the work at long contexts). 'pallas' is the TPU
+splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`), run per device under `shard_map`
+(a Mosaic kernel cannot be partitioned by GSPMD); on CPU the same kernel runs in Pallas interpret mode, which
+is slow but lets the tests compare it with the reference.
 
 Decoding attends new queries to a KV cache laid out [Z, S, H] with batch and heads flattened (Z = B*N): the
 batched dots then read the cache as it is stored. With [B, N, S, H], XLA:CPU reshapes between the in-place
 cache update and the dot and so copies the whole cache for every token (measured 2.4x slower at S=1024).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from gptjax import config as config_lib, sharding
 
 QUERY_BLOCK = 128
+SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the (padded) sequence; Mosaic needs multiples of 128
 
 
 def resolve(implementation: str, dtype) -> str:
-  """'auto' -> cuDNN's fused kernel on NVIDIA GPUs in half precision, else 'causal_blocks'."""
+  """'auto' -> splash attention on TPUs, cuDNN's fused kernel on NVIDIA GPUs in half precision, else 'causal_blocks'."""
+  backend = jax.default_backend()
+  if implementation == "pallas" and backend not in ("tpu", "cpu"):
+    raise config_lib.ConfigError(
+        f"model.attention='pallas' is a TPU kernel and this backend is {backend!r}: set model.attention='auto' "
+        "(cudnn on NVIDIA GPUs in bfloat16) or 'xla'.")
   if implementation != "auto":
     return implementation
+  if backend == "tpu":
+    return "pallas"
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if jax.default_backend() == "gpu" and half else "causal_blocks"
+  return "cudnn" if backend == "gpu" and half else "causal_blocks"
 
 
 def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, implementation: str) -> jax.Array:
@@ -29,6 +45,8 @@ def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, im
   implementation = resolve(implementation, q_BTNH.dtype)
   if implementation == "causal_blocks":
     return _causal_blocks(q_BTNH, k_BSNH, v_BSNH)
+  if implementation == "pallas":
+    return _splash(q_BTNH, k_BSNH, v_BSNH)
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, implementation=implementation)
 
 
@@ -44,6 +62,40 @@ def _causal_blocks(q_BTNH, k_BSNH, v_BSNH):
     outputs.append(jax.nn.dot_product_attention(
         q_BTNH[:, start:end], k_BSNH[:, :end], v_BSNH[:, :end], mask=mask_TS[None, None], implementation="xla"))
   return jnp.concatenate(outputs, axis=1)
+
+
+def _splash(q_BTNH, k_BSNH, v_BSNH):
+  """Splash attention, each device over its own batch rows and heads (batch and heads as the default rules)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return _splash_local(q_BTNH, k_BSNH, v_BSNH)
+  spec = sharding.logical_to_spec(("batch", None, "heads", None), q_BTNH.shape, config_lib.DEFAULT_RULES, mesh)
+  # The kernel's pallas_call does not declare how its outputs vary over the mesh: no vma check.
+  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+      q_BTNH, k_BSNH, v_BSNH)
+
+
+def _splash_local(q_BTNH, k_BSNH, v_BSNH):
+  B, T, N, H = q_BTNH.shape
+  # Keys padded at the end are never attended (causal), and padded queries are cut off: any T works.
+  T_pad = -(-T // SPLASH_BLOCKS[-1]) * SPLASH_BLOCKS[-1]
+  kernel = _splash_kernel(N, T_pad, jax.default_backend() == "cpu")
+  to_BNTH = lambda x_BTNH: jnp.pad(x_BTNH, ((0, 0), (0, T_pad - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  # The kernel does not scale the logits.
+  q_BNTH = to_BNTH(q_BTNH * jnp.asarray(1 / np.sqrt(H), q_BTNH.dtype))
+  y_BNTH = jax.vmap(kernel)(q_BNTH, to_BNTH(k_BSNH), to_BNTH(v_BSNH))
+  return y_BNTH.transpose(0, 2, 1, 3)[:, :T]
+
+
+@functools.cache
+def _splash_kernel(n_head: int, seq: int, interpret: bool):
+  """A causal splash-attention kernel for [N, T, H] inputs (one sequence; vmapped over the batch)."""
+  block = next(b for b in SPLASH_BLOCKS if seq % b == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * n_head)
+  with jax.ensure_compile_time_eval():  # the mask tables are constants: no tracers in the cached kernel
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def write_cache(cache_ZSH: jax.Array, new_BTNH: jax.Array, start: jax.Array) -> jax.Array:

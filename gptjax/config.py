@@ -49,7 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"
   # Attention kernel: 'xla' or 'cudnn' (NVIDIA GPUs, bf16/fp16) for jax.nn.dot_product_attention;
   # 'causal_blocks' (XLA, skips fully masked key blocks: 1.6x faster GPT-2 small steps at context 1024 on CPU);
-  # 'auto' = cudnn on GPUs in half precision, else causal_blocks.
+  # 'pallas' (TPU: the Pallas splash-attention kernel; on CPU it runs in Pallas interpret mode, for tests only);
+  # 'auto' = pallas on TPUs, cudnn on GPUs in half precision, else causal_blocks.
   m.attention = "auto"
   # Run the blocks with lax.scan over stacked weights (fast compiles); False = Python loop.
   m.scan_layers = True
@@ -158,6 +159,11 @@ def default_config() -> ml_collections.ConfigDict:
   lg.sample_tokens = 200
   # Prompt for the end-of-training samples ('' = start from end-of-text).
   lg.sample_prompt = ""
+  # Profile optimizer steps 'a:b' (a through b, both included, numbered as in metrics.jsonl: step 1 is the first
+  # update and includes the compile) with jax.profiler into <workdir>/profile (`tensorboard --logdir <workdir>`,
+  # Profile tab; needs `pip install tensorboard-plugin-profile`); '' = no trace. Process 0 only: in a
+  # multi-host step every process waits on the same collectives, so one host's timeline shows the step.
+  lg.profile_steps = ""
   return c
 
 
@@ -212,9 +218,9 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1).")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
-  if m.attention not in ("auto", "xla", "cudnn", "causal_blocks"):
-    raise ConfigError(f"model.attention={m.attention!r}: use 'auto', 'xla', 'cudnn' (NVIDIA GPU) or "
-                      "'causal_blocks'.")
+  if m.attention not in ("auto", "xla", "cudnn", "causal_blocks", "pallas"):
+    raise ConfigError(f"model.attention={m.attention!r}: use 'auto', 'xla', 'cudnn' (NVIDIA GPU), "
+                      "'causal_blocks' or 'pallas' (TPU).")
   if m.remat not in ("none", "full", "dots"):
     raise ConfigError(f"model.remat={m.remat!r}: use 'none', 'full' or 'dots'.")
   if m.vocab_multiple <= 0:
@@ -255,6 +261,26 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError(
         f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size ({micro}) x the "
         f"data-parallel degree mesh.data*mesh.fsdp={dp}; pick batch_size as a multiple of {micro * dp}.")
+  profile_range(config)
+
+
+def profile_range(config) -> tuple[int, int] | None:
+  """(first, last) optimizer step of log.profile_steps='a:b', both included; None when it is ''."""
+  value = config.log.profile_steps
+  if not value:
+    return None
+  fix = ("use 'a:b' with 1 <= a <= b <= train.steps (optimizer steps a through b, both included), e.g. '10:12', "
+         "or '' for no trace")
+  first, sep, last = str(value).partition(":")
+  try:
+    first, last = int(first), int(last)
+  except ValueError:
+    raise ConfigError(f"log.profile_steps={value!r} is not two step numbers: {fix}.") from None
+  if not sep or not 1 <= first <= last:
+    raise ConfigError(f"log.profile_steps={value!r}: {fix}.")
+  if last > config.train.steps:
+    raise ConfigError(f"log.profile_steps={value!r} ends after train.steps={config.train.steps}: {fix}.")
+  return first, last
 
 
 def check_vocab(config, tokenizer_vocab: int) -> int:

@@ -1,6 +1,7 @@
 """The training loop: data, sharded state, jitted steps, metrics, validation, checkpoints, samples."""
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -50,6 +51,7 @@ class RunInfo:
   final_val_loss: float
   stopped_by: str | None
   samples: list[str]
+  summary: dict  # what <workdir>/summary.json holds (see `summarize`)
 
 
 def log(msg: str, *args) -> None:
@@ -144,8 +146,10 @@ def run(config, workdir: str) -> RunInfo:
     return float(np.mean(jax.device_get(losses)))
 
   writer = metrics.MetricsWriter(workdir, config, config.log.tensorboard, config.log.wandb)
+  profiler = metrics.StepProfiler(config_lib.profile_range(config), os.path.join(workdir, "profile"))
   train_loss = val_loss = float("nan")
   step = first_step
+  finished = []  # perf_counter() as each step of this run finishes (the first one includes the compile)
   window_start, window_tokens = time.perf_counter(), 0
   bar = tqdm(total=t.steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
@@ -155,13 +159,17 @@ def run(config, workdir: str) -> RunInfo:
   in_flight = None  # the previous step's loss: the bar counts finished steps, one step stays queued behind
   with StopFlag() as stop:
     while step < t.steps and stop.reason is None:
-      local = next(batches)
-      local = local.reshape(accum, local.shape[0] // accum, local.shape[1])
-      state, step_metrics = train_step(state, sharding.global_batch(local, batch_sharding, batch_dim=1))
+      profiler.before_step(step + 1, state)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+        local = next(batches)
+        local = local.reshape(accum, local.shape[0] // accum, local.shape[1])
+        state, step_metrics = train_step(state, sharding.global_batch(local, batch_sharding, batch_dim=1))
       step += 1
+      profiler.after_step(step, (state, step_metrics))
       window_tokens += tokens_per_step
       if in_flight is not None:
         jax.block_until_ready(in_flight)
+        finished.append(time.perf_counter())
         bar.update(1)
       in_flight = step_metrics["train_loss"]
       if t.nonfinite == "stop" and not bool(step_metrics["finite"]):  # a per-step sync, only in this mode
@@ -186,8 +194,10 @@ def run(config, workdir: str) -> RunInfo:
         save(val_loss if evaluated else None)
       if t.max_seconds and time.time() - start_time > t.max_seconds:
         stop.reason = f"train.max_seconds={t.max_seconds}"
+  profiler.stop(state)
   if in_flight is not None:
-    jax.block_until_ready(in_flight)
+    train_loss = float(in_flight)  # the last step's, also when the run stopped between logged steps
+    finished.append(time.perf_counter())
     bar.update(1)
   bar.close()
 
@@ -201,11 +211,16 @@ def run(config, workdir: str) -> RunInfo:
   val_loss = evaluate(state["params"])
   final_val_loss = evaluate(state["params"], final_eval_data) if final_batches != t.eval_batches else val_loss
   writer.write(step, val_loss=val_loss, final_val_loss=final_val_loss)
-  log("step %d: train loss %.4f | val loss %.4f (%d batches), %.4f (%d batches) | %.1f s", step, train_loss,
-      val_loss, len(eval_data), final_val_loss, len(final_eval_data), time.time() - start_time)
   if mngr.latest_step() != step:
     save(val_loss)
   mngr.wait_until_finished()
+  summary = summarize(
+      step=step, steps_run=step - first_step, tokens_seen=step * tokens_per_step,
+      wall_seconds=time.time() - start_time, step_seconds=np.diff(finished), tokens_per_step=tokens_per_step,
+      flops_per_sec_at_peak=peak_flops * n_devices / flops_tok, train_loss=train_loss, val_loss=val_loss,
+      val_batches=len(eval_data), final_val_loss=final_val_loss, final_val_batches=len(final_eval_data),
+      checkpoint=f"{mngr.directory}/{step}", stopped_by=stop.reason)
+  log_summary(summary, workdir)
   if stop.reason:
     log("stopped by %s at step %d of %d; the checkpoint %s/%d resumes it: rerun the same command.", stop.reason,
         step, t.steps, mngr.directory, step)
@@ -213,7 +228,45 @@ def run(config, workdir: str) -> RunInfo:
   writer.close()
   samples = write_samples(config, prepared.tokenizer, state["params"], graphdef,
                           vocab_limit=prepared.tokenizer.vocab_size)
-  return RunInfo(step, train_loss, val_loss, final_val_loss, stop.reason, samples)
+  return RunInfo(step, train_loss, val_loss, final_val_loss, stop.reason, samples, summary)
+
+
+def summarize(step_seconds, tokens_per_step, flops_per_sec_at_peak, **fields) -> dict:
+  """The end-of-run summary: `fields`, this run's median step time, its tokens/s and MFU, peak memory.
+
+  Step times are the intervals between finished steps, so the first step's compile is left out; None when the
+  run finished fewer than two steps. `flops_per_sec_at_peak` is tokens/s at 100% MFU.
+  """
+  median_step = float(np.median(step_seconds)) if len(step_seconds) else None
+  tokens_per_sec = tokens_per_step / median_step if median_step else None
+  finite = lambda x: x if x is None or np.isfinite(x) else None  # JSON has no NaN
+  summary = dict(fields, median_step_seconds=median_step, tokens_per_sec=tokens_per_sec,
+                 mfu=tokens_per_sec / flops_per_sec_at_peak if tokens_per_sec else None,
+                 peak_device_memory_bytes=metrics.device_peak_memory_bytes(),
+                 peak_host_memory_bytes=metrics.host_peak_memory_bytes())
+  return {k: finite(v) if isinstance(v, float) else v for k, v in summary.items()}
+
+
+def log_summary(summary: dict, workdir: str) -> None:
+  """Prints the summary and writes it to <workdir>/summary.json (process 0)."""
+  s = summary
+  path = os.path.join(workdir, "summary.json")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(s, f, indent=1)
+  if s["median_step_seconds"] is None:
+    speed = "median step n/a (fewer than 2 steps)"
+  else:
+    speed = (f"median step {metrics.format_duration(s['median_step_seconds'])}, "
+             f"{metrics.format_count(s['tokens_per_sec'])} tokens/s, MFU {s['mfu']:.1%}")
+  peak = s["peak_device_memory_bytes"]
+  memory = (f"peak device memory {peak / 2**30:.2f} GiB" if peak is not None else
+            f"peak host memory {s['peak_host_memory_bytes'] / 2**30:.2f} GiB (no device memory statistics)")
+  fmt = lambda x: "n/a" if x is None else f"{x:.4f}"
+  log("done: step %d (%d this run, %s tokens seen) in %s | %s | %s", s["step"], s["steps_run"],
+      metrics.format_count(s["tokens_seen"]), metrics.format_duration(s["wall_seconds"]), speed, memory)
+  log("loss: train %s | val %s (%d batches), %s (%d batches) | checkpoint %s | summary %s", fmt(s["train_loss"]),
+      fmt(s["val_loss"]), s["val_batches"], fmt(s["final_val_loss"]), s["final_val_batches"], s["checkpoint"], path)
 
 
 def write_samples(config, tokenizer, params, graphdef, vocab_limit: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Metric writers (JSONL, TensorBoard, optionally Weights & Biases), peak FLOP/s and MFU, progress."""
+"""Metric writers (JSONL, TensorBoard, optionally Weights & Biases), peak FLOP/s and MFU, progress, profiling."""
 
 import json
 import os
@@ -100,13 +100,56 @@ def format_duration(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def peak_memory_bytes() -> int:
-  """Peak bytes in use on device 0 when the backend reports it, else this process's peak RSS."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"])
+def device_peak_memory_bytes() -> int | None:
+  """The largest peak bytes in use over this process's devices; None where the backend reports none (CPU)."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [int(p) for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
+def host_peak_memory_bytes() -> int:
+  """This process's peak resident memory (what CPU "devices" use)."""
   import resource
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_memory_bytes() -> int:
+  """Peak bytes in use on a device when the backend reports it, else this process's peak RSS."""
+  device = device_peak_memory_bytes()
+  return host_peak_memory_bytes() if device is None else device
+
+
+class StepProfiler:
+  """A jax.profiler trace of optimizer steps first..last (both included) into `directory`, on process 0.
+
+  The steps are dispatched asynchronously: the trace starts once the steps before `first` have finished and
+  stops once step `last` has, so it holds exactly the chosen steps.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, directory: str):
+    self.steps = steps if jax.process_index() == 0 else None
+    self.directory = directory
+    self.tracing = False
+
+  def before_step(self, step: int, pending) -> None:
+    """Called before step `step` is dispatched; `pending` holds the outputs of the steps before it."""
+    if self.steps and not self.tracing and self.steps[0] <= step <= self.steps[1]:
+      jax.block_until_ready(pending)
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+
+  def after_step(self, step: int, outputs) -> None:
+    """Called after step `step` is dispatched with its outputs; ends the trace after the last step."""
+    if self.tracing and step >= self.steps[1]:
+      self.stop(outputs)
+
+  def stop(self, outputs) -> None:
+    """Ends a running trace (also when the loop stops early) once `outputs` are computed."""
+    if self.tracing:
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.tracing = False
+      logging.info("profile of steps %d..%d written to %s", *self.steps, self.directory)
 
 
 def median(values) -> float:

@@ -5,6 +5,9 @@
 80 GB GPU without editing. As a command, it plans a launch on fake CPU devices before any accelerator is paid for:
 
   python -m gptjax.plan --config=configs/gpt2_xl.py --devices=64 --mesh=1,64,1 --hbm_gib=16
+
+When the step exceeds --hbm_gib it is compiled again with remat and bfloat16 activations (`variants`), and the
+state per device is worked out for every FSDP degree (`suggest`).
 """
 
 import json
@@ -98,18 +101,62 @@ def analyze(config, devices) -> dict:
       collectives={op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in COLLECTIVES})
 
 
-def suggest(plan: dict, n_devices: int, hbm_bytes: int) -> list[dict]:
-  """For each FSDP degree: the state per device and the largest micro-batch that fits (linear estimate)."""
-  degree = plan["mesh"]["fsdp"] * plan["mesh"]["tensor"]
-  state = (plan["params_bytes"] + plan["optimizer_bytes"]) * degree  # replicated-over-data total
-  per_sequence = max(1, (plan["total_bytes"] - (plan["params_bytes"] + plan["optimizer_bytes"])) /
-                     plan["micro_batch"])
+def _max_micro_batch(plan: dict, hbm_bytes: int, state_bytes: float | None = None) -> int:
+  """The largest micro-batch that fits beside `state_bytes` (default: the plan's state), linear in sequences."""
+  plan_state = plan["params_bytes"] + plan["optimizer_bytes"]
+  per_sequence = max(1, (plan["total_bytes"] - plan_state) / plan["micro_batch"])
+  state_bytes = plan_state if state_bytes is None else state_bytes
+  return max(int((HEADROOM * hbm_bytes - state_bytes) // per_sequence), 0)
+
+
+def suggest(config, plan: dict, n_devices: int, hbm_bytes: int) -> list[dict]:
+  """For each FSDP degree: the state per device as the rules place it, and the largest micro-batch that fits.
+
+  The state is exact (shardings on a mesh of that shape); the micro-batch is a linear estimate from the plan's
+  bytes per sequence. `replicated` marks degrees that some sharded dimension is not divisible by (e.g. GPT-2 XL's
+  embed=1600 by 256): those dimensions stay whole on every device.
+  """
+  from gptjax.model import GPTConfig
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
+  tx = train.make_optimizer(config)
+  tensor = plan["mesh"]["tensor"]
   rows, fsdp = [], 1
-  while fsdp <= n_devices:
-    per_device_state = state / (fsdp * plan["mesh"]["tensor"])
-    micro = int((HEADROOM * hbm_bytes - per_device_state) // per_sequence)
-    rows.append(dict(fsdp=fsdp, state_gib=per_device_state / 2**30, max_micro_batch=max(micro, 0)))
+  while fsdp * tensor <= n_devices:
+    if n_devices % (fsdp * tensor) == 0:
+      mesh = jax.sharding.AbstractMesh((n_devices // (fsdp * tensor), fsdp, tensor), config_lib.MESH_AXES,
+                                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+      _, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+      state = {k: abstract[k] for k in ("params", "opt_state")}
+      per_device = _per_device_bytes(state, {k: shardings[k] for k in state})
+      whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+      rows.append(dict(fsdp=fsdp, state_gib=per_device / 2**30, replicated=per_device > 1.25 * whole / (fsdp * tensor),
+                       max_micro_batch=_max_micro_batch(plan, hbm_bytes, per_device)))
     fsdp *= 2
+  return rows
+
+
+def variants(config, devices, plan: dict, hbm_bytes: int) -> list[dict]:
+  """When `plan` exceeds the HBM: the step compiled again with bf16 activations and/or remat, measured.
+
+  Each row is one (model.dtype, model.remat) other than the config's, on the same mesh and micro-batch, with
+  XLA's temporaries and total per device, whether it fits, and the micro-batch that would (linear estimate).
+  """
+  if plan["total_bytes"] <= HEADROOM * hbm_bytes:
+    return []
+  m = config.model
+  dtypes = [m.dtype] + [d for d in ("bfloat16",) if d != m.dtype]
+  remats = [m.remat] + [r for r in ("dots", "full") if r != m.remat]
+  rows = []
+  for dtype in dtypes:
+    for remat in remats:
+      if (dtype, remat) == (m.dtype, m.remat):
+        continue
+      variant = config.copy_and_resolve_references()
+      variant.model.update(dtype=dtype, remat=remat)
+      measured = analyze(variant, devices)
+      rows.append(dict(dtype=dtype, remat=remat, temp_bytes=measured["temp_bytes"],
+                       total_bytes=measured["total_bytes"], fits=measured["total_bytes"] <= HEADROOM * hbm_bytes,
+                       max_micro_batch=_max_micro_batch(measured, hbm_bytes)))
   return rows
 
 
@@ -139,11 +186,23 @@ def _main(argv):
         f"per device) | collectives in the compiled step: {plan['collectives']}")
   if plan["total_bytes"] > HEADROOM * hbm:
     print(f"WARNING: {gib(plan['total_bytes'])} per device exceeds {HEADROOM:.0%} of {gib(hbm)}: raise mesh.fsdp, "
-          "lower train.micro_batch_size or set model.remat='full' (see the suggestions below).")
-  print("suggestions (linear estimate from this compile):")
-  for row in suggest(plan, f.devices, hbm):
+          "lower train.micro_batch_size, set model.dtype='bfloat16' or model.remat (see the suggestions below).")
+  print("suggestions (state as the rules place it; micro-batch a linear estimate from this compile):")
+  for row in suggest(config, plan, f.devices, hbm):
     print(f"  fsdp={row['fsdp']:<4d} state {row['state_gib']:.2f} GiB/device, micro-batch up to "
-          f"{row['max_micro_batch']}")
+          f"{row['max_micro_batch']}" + (" (a sharded dimension is not divisible by this degree: replicated)"
+                                         if row["replicated"] else ""))
+  if f.variants:
+    plan["variants"] = variants(config, jax.devices()[:f.devices], plan, hbm)
+  if plan.get("variants"):
+    print(f"measured variants (compiled on this mesh at micro-batch {plan['micro_batch']}):")
+    for row in plan["variants"]:
+      print(f"  model.dtype={row['dtype']:<8s} model.remat={row['remat']:<4s} temporaries "
+            f"{gib(row['temp_bytes'])} | total {gib(row['total_bytes'])} | "
+            f"{'fits' if row['fits'] else 'does not fit'}; micro-batch up to {row['max_micro_batch']}")
+    if any(row["dtype"] == "bfloat16" for row in plan["variants"]):
+      print("  note: XLA:CPU, which compiles this plan, computes bfloat16 elementwise ops in float32 and keeps those "
+            "results for the backward pass, so the bfloat16 rows show little saving here; the remat rows hold.")
   print(json.dumps(plan))
 
 
@@ -155,5 +214,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("mesh", "", "data,fsdp,tensor degrees (default: the config's).")
   flags.DEFINE_integer("micro_batch", 1, "Micro-batch per data-parallel shard when the config says -1 (auto).")
   flags.DEFINE_float("hbm_gib", 16.0, "Memory of one device in GiB (TPU v5e: 16, v5p: 95, H100: 80).")
+  flags.DEFINE_bool("variants", True, "When the plan exceeds hbm_gib, also compile it with bfloat16 activations "
+                    "and remat (one compile each) and report their measured memory.")
   flags.mark_flag_as_required("config")
   app.run(_main)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import attention, train
+from gptjax import attention, config as config_lib, sharding, train
 from gptjax.model import GPT, GPTConfig, count_params, flops_per_token
-from tests.helpers import random_tokens
+from tests.helpers import build, random_tokens, tiny_config
 
 
 def _reference_attention(q, k, v):
@@ -18,12 +18,41 @@ def _reference_attention(q, k, v):
   return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "causal_blocks", "auto"])
+# 'pallas' is the TPU splash kernel, here in Pallas interpret mode (CPU).
+@pytest.mark.parametrize("implementation", ["xla", "causal_blocks", "pallas", "auto"])
 @pytest.mark.parametrize("T", [7, 128, 300])
 def test_attention_kernels_equal_the_reference(implementation, T):
   q, k, v = jax.random.normal(jax.random.key(T), (3, 2, T, 3, 16))
   np.testing.assert_allclose(attention.causal_attention(q, k, v, implementation), _reference_attention(q, k, v),
                              atol=2e-5)
+
+
+def test_auto_attention_per_backend_and_pallas_off_tpu_fails_clearly(monkeypatch):
+  for backend, dtype, expected in [("tpu", jnp.float32, "pallas"), ("gpu", jnp.bfloat16, "cudnn"),
+                                   ("gpu", jnp.float32, "causal_blocks"), ("cpu", jnp.bfloat16, "causal_blocks")]:
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert attention.resolve("auto", dtype) == expected
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(config_lib.ConfigError, match="model.attention='pallas' is a TPU kernel .* set model.attention"):
+    attention.resolve("pallas", jnp.bfloat16)
+
+
+def test_pallas_attention_on_a_mesh_equals_the_default():
+  """Under a (data, fsdp, tensor) mesh the kernel runs per device in shard_map over batch rows and heads."""
+  tokens = random_tokens((1, 8, 17))
+
+  def one_step(attention_kind, mesh):
+    config = tiny_config(mesh=mesh)
+    config.model.attention = attention_kind
+    graphdef, state, shardings, mesh, tx = build(config)
+    step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+    state, metrics = step(state, sharding.global_batch(tokens, sharding.batch_sharding(mesh, 3, 1), batch_dim=1))
+    return float(metrics["train_loss"]), jax.device_get(state["params"])
+
+  loss, params = one_step("causal_blocks", (1, 1, 1))
+  pallas_loss, pallas_params = one_step("pallas", (2, 2, 2))
+  np.testing.assert_allclose(pallas_loss, loss, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), pallas_params, params)
 
 
 def _model(**overrides):
@@ -45,7 +74,7 @@ def _unstack(params, n_layer):
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
-                                     dict(attention="causal_blocks")])
+                                     dict(attention="causal_blocks"), dict(attention="pallas")])
 def test_switches_give_the_same_loss_and_gradients(variant):
   tokens = jnp.asarray(random_tokens((2, 65), vocab=96))
   loss, grads = _loss_and_grads(_model(), tokens)

@@ -1,5 +1,6 @@
-"""The micro-batch planner picks the largest micro-batch whose compiled step fits the device memory."""
+"""The planner: micro-batch fitting, per-device memory against placed arrays, suggestions, measured variants."""
 
+import numpy as np
 import pytest
 
 from gptjax import config as config_lib, plan, sharding, train
@@ -48,3 +49,34 @@ def test_fsdp_keeps_activations_split_over_the_batch():
   _, base = _planned(batch_size=16, mesh=(8, 1, 1), block_size=64)
   _, fsdp = _planned(batch_size=16, mesh=(1, 8, 1), block_size=64)
   assert fsdp["temp_bytes"] < 2 * base["temp_bytes"]
+
+
+def test_variants_are_compiled_only_when_the_plan_does_not_fit():
+  config = tiny_config(batch_size=8, mesh=(1, 2, 1), block_size=64)
+  config.data.vocab_size = 128
+  devices = sharding.jax.devices()[:2]
+  base = plan.analyze(config, devices)
+  assert plan.variants(config, devices, base, hbm_bytes=10**12) == []
+  hbm = int(0.9 * base["total_bytes"] / plan.HEADROOM)  # just too small for the plan
+  rows = {(r["dtype"], r["remat"]): r for r in plan.variants(config, devices, base, hbm)}
+  assert set(rows) == {("float32", "dots"), ("float32", "full"), ("bfloat16", "none"), ("bfloat16", "dots"),
+                       ("bfloat16", "full")}
+  # Each row is its own compile: remat keeps fewer activations; state (arguments) is unchanged.
+  assert rows["float32", "full"]["temp_bytes"] < rows["float32", "dots"]["temp_bytes"] < 0.8 * base["temp_bytes"]
+  for row in rows.values():
+    assert row["fits"] == (row["total_bytes"] <= plan.HEADROOM * hbm)
+    assert row["total_bytes"] - row["temp_bytes"] == base["total_bytes"] - base["temp_bytes"]
+  assert rows["float32", "full"]["fits"] and rows["float32", "full"]["max_micro_batch"] >= base["micro_batch"]
+
+
+def test_suggested_state_follows_the_rules_including_indivisible_degrees():
+  config, base = _planned(batch_size=8, mesh=(8, 1, 1), n_embd=48, n_head=8)
+  rows = {r["fsdp"]: r for r in plan.suggest(config, base, n_devices=64, hbm_bytes=10**12)}
+  assert sorted(rows) == [1, 2, 4, 8, 16, 32, 64]
+  np.testing.assert_allclose(rows[1]["state_gib"] * 2**30, base["params_bytes"] + base["optimizer_bytes"])
+  # ~1/fsdp while fsdp divides embed=48; at 32 and 64 the embed dimension stays whole on every device.
+  for fsdp in (2, 4, 8, 16):
+    assert not rows[fsdp]["replicated"]
+    assert rows[1]["state_gib"] / fsdp <= rows[fsdp]["state_gib"] <= 1.2 * rows[1]["state_gib"] / fsdp
+  assert rows[32]["replicated"] and rows[64]["replicated"] and rows[32]["state_gib"] > rows[16]["state_gib"]
+  assert rows[16]["max_micro_batch"] >= rows[1]["max_micro_batch"] > 0
