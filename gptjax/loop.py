@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gptjax import checkpoint, config as config_lib, data, generate, metrics, plan, sharding, train
@@ -40,6 +41,19 @@ class StopFlag:
     self.reason = signal.Signals(signum).name
     logging.warning("%s received: stopping after the current step, with a checkpoint (Ctrl-C again to abort "
                     "without one).", self.reason)
+
+  def should_stop(self, at_sync_point: bool) -> bool:
+    """Whether to stop now. With several processes, a stop one process asked for (its signal, its clock for
+    train.max_seconds) waits for a sync point, where all agree: every process stops after the same step and
+    they save one checkpoint together, instead of some waiting forever in the next step's collectives."""
+    if jax.process_count() == 1:
+      return self.reason is not None
+    if not at_sync_point:
+      return False
+    anyone = bool(multihost_utils.process_allgather(np.int32(self.reason is not None)).max())
+    if anyone and self.reason is None:
+      self.reason = "another process's stop"
+    return anyone
 
 
 @dataclasses.dataclass
@@ -158,7 +172,8 @@ def run(config, workdir: str) -> RunInfo:
 
   in_flight = None  # the previous step's loss: the bar counts finished steps, one step stays queued behind
   with StopFlag() as stop:
-    while step < t.steps and stop.reason is None:
+    # Multi-host runs agree on stopping at logging steps, where the loop waits for the device anyway.
+    while step < t.steps and not stop.should_stop(step % config.log.every_steps == 0):
       profiler.before_step(step + 1, state)
       with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
         local = next(batches)

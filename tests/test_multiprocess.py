@@ -67,3 +67,19 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   final_one = checkpoint.load_model(str(tmp_path / "one")).params
   final_two = checkpoint.load_model(str(tmp_path / "two")).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final_two, final_one)
+
+
+def test_a_stop_asked_on_one_process_stops_all_at_a_sync_point(monkeypatch):
+  from gptjax import loop
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  calls = []
+
+  def allgather(local):  # this process has no stop request; the other one has
+    calls.append(int(local))
+    return np.array([int(local), 1])
+
+  monkeypatch.setattr(loop.multihost_utils, "process_allgather", allgather)
+  flag = loop.StopFlag()
+  assert not flag.should_stop(at_sync_point=False) and calls == []  # no collective between sync points
+  assert flag.should_stop(at_sync_point=True) and calls == [0]
+  assert flag.reason == "another process's stop"
