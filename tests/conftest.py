@@ -17,3 +17,14 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f"{SHARED_DATA} is absent (it ships only with the development workspace)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A text file of 3000 ten-word lines over a 16-word vocabulary: enough for tiny end-to-end runs."""
+  import numpy as np  # pylint: disable=import-outside-toplevel  # conftest sets XLA flags before numpy/jax load
+  rng = np.random.RandomState(0)
+  words = "the quick brown fox jumps over a lazy dog while cats sleep on warm mats".split()
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(3000)))
+  return path

@@ -23,15 +23,6 @@ RUN_FLAGS = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.mo
              "--config.checkpoint.every_steps=4", "--config.train.warmup_steps=3"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  rng = np.random.RandomState(0)
-  words = "the quick brown fox jumps over a lazy dog while cats sleep on warm mats".split()
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(3000)))
-  return path
-
-
 def _command(workdir, corpus, steps):
   return [sys.executable, "-m", "gptjax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
           f"--config.data.path={corpus}", f"--config.train.steps={steps}", *RUN_FLAGS]

@@ -10,15 +10,6 @@ from gptjax import config as config_lib, loop
 from tests.helpers import tiny_config
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  rng = np.random.RandomState(0)
-  words = "the quick brown fox jumps over a lazy dog while cats sleep on warm mats".split()
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(2000)))
-  return path
-
-
 @pytest.mark.slow
 def test_profiled_run_writes_a_trace_and_a_summary(tmp_path, corpus, capsys):
   config = tiny_config(steps=6, batch_size=8, mesh=(4, 2, 1), eval_every=0, eval_batches=2)
