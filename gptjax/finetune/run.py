@@ -34,8 +34,8 @@ def run(config, workdir: str) -> dict:
     raise ConfigError("fine-tuning runs in one process (any number of local devices); multi-host fine-tuning is "
                       "not supported yet: run it on one host.")
   dp = np.prod(config_lib.mesh_shape(config, jax.device_count())[:2])
-  for field in ("train.batch_size", "task.eval_batch_size"):
-    value = config.train.batch_size if field == "train.batch_size" else config.task.eval_batch_size
+  for field, value in (("train.batch_size", config.train.batch_size),
+                       ("task.eval_batch_size", config.task.eval_batch_size)):
     if value % dp:
       raise ConfigError(f"{field}={value} must be a multiple of the data-parallel degree {dp}.")
   os.makedirs(workdir, exist_ok=True)
@@ -71,7 +71,8 @@ def run(config, workdir: str) -> dict:
   steps = math.ceil(config.task.epochs * steps_per_epoch) if config.task.epochs else t.steps
   config = config.copy_and_resolve_references()
   config.train.steps = steps
-  tx = trainer.make_optimizer(train.lr_schedule(config), t.weight_decay, t.grad_clip, t.b1, t.b2)
+  schedule = train.lr_schedule(config)
+  tx = trainer.make_optimizer(schedule, t.weight_decay, t.grad_clip, t.b1, t.b2)
   state = trainer.new_state(trainable, tx)
   dropout = config.task.dropout if config.task.dropout >= 0 else model_cfg.dropout
   step_fn = trainer.make_step(store.graphdef_of(model_cfg, dropout), tx, task.loss, lora_cfg, t.seed, mesh)
@@ -87,17 +88,24 @@ def run(config, workdir: str) -> dict:
       metrics.format_count(n_trainable), 100 * n_trainable / n_base, metrics.format_count(n_base), steps,
       steps_per_epoch, t.batch_size, memory["state_mib"], memory["frozen_mib"], memory["temp_mib"])
 
-  def evaluate(state) -> tuple[dict, list[dict]]:
-    predictions = trainer.predict_all(predict, state["trainable"], frozen, eval_data, task.batch_keys,
-                                      config.task.eval_batch_size, place, task.token_predictions)
-    return task.report(eval_examples, labels, eval_data, predictions)
-
   writer = metrics.MetricsWriter(workdir, config, config.log.tensorboard, config.log.wandb)
+  eval_seconds = 0.0
+
+  def evaluate(step: int) -> tuple[dict, list[dict]]:
+    nonlocal eval_seconds
+    eval_start = time.perf_counter()
+    report, rows = score(task, predict, state["trainable"], frozen, eval_examples, eval_data, labels,
+                         config.task.eval_batch_size, place)
+    eval_seconds += time.perf_counter() - eval_start
+    writer.write(step, **{f"eval_{k}": report[k] for k in task.headline})
+    bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}): " +
+              ", ".join(f"eval {k} {report[k]:.4f}" for k in task.headline))
+    return report, rows
+
   rng = np.random.default_rng(t.seed)
   order = np.array([], np.int64)
-  train_seconds = eval_seconds = 0.0
-  window_start, window_tokens = time.perf_counter(), 0
-  report = None
+  loop_start = window_start = time.perf_counter()
+  window_tokens = 0
   bar = tqdm(total=steps, desc="fine-tune", unit="step", dynamic_ncols=True)
   with StopFlag() as stop:
     step = 0
@@ -114,20 +122,15 @@ def run(config, workdir: str) -> dict:
         step_metrics = jax.device_get(step_metrics)
         elapsed = time.perf_counter() - window_start
         writer.write(step, train_loss=float(step_metrics["loss"]), grad_norm=float(step_metrics["grad_norm"]),
-                     learning_rate=float(train.lr_schedule(config)(step)), tokens_per_sec=window_tokens / elapsed)
+                     learning_rate=float(schedule(step)), tokens_per_sec=window_tokens / elapsed)
         bar.set_postfix(loss=f"{float(step_metrics['loss']):.4f}",
                         tok_s=metrics.format_count(window_tokens / elapsed))
-        train_seconds += elapsed
         window_start, window_tokens = time.perf_counter(), 0
-      if step % steps_per_epoch == 0 or step == steps or stop.reason:
-        train_seconds += time.perf_counter() - window_start
-        eval_start = time.perf_counter()
-        report, rows_out = evaluate(state)
-        eval_seconds += time.perf_counter() - eval_start
-        writer.write(step, **{f"eval_{k}": report[k] for k in task.headline})
-        bar.write(f"step {step} (epoch {step / steps_per_epoch:.2f}): " +
-                  ", ".join(f"eval {k} {report[k]:.4f}" for k in task.headline))
+      if step % steps_per_epoch == 0 and step < steps:
+        evaluate(step)
         window_start, window_tokens = time.perf_counter(), 0
+    report, rows_out = evaluate(step)  # the final one (also when stopped early)
+  train_seconds = time.perf_counter() - loop_start - eval_seconds
   bar.close()
 
   params = trainer.model_params(state["trainable"], frozen, lora_cfg)
@@ -168,6 +171,14 @@ def memory_report(step_fn, state, frozen, batch) -> dict:
   return {"state_mib": mib(state), "frozen_mib": mib(frozen), "temp_mib": temp}
 
 
+def score(task: tasks.Task, predict, trainable, frozen, examples, data: dict, labels: list[str], batch_size: int,
+          place=lambda batch: batch) -> tuple[dict, list[dict]]:
+  """(metrics, prediction rows) of the model on encoded `data`."""
+  predictions = trainer.predict_all(predict, trainable, frozen, data, task.batch_keys, batch_size, place,
+                                    task.token_predictions)
+  return task.report(examples, labels, data, predictions)
+
+
 def evaluate_file(path: str, data_path: str, out_dir: str, base: str | None = None) -> dict:
   """Scores the fine-tuned model in `path` on `data_path` (the task's format); writes report and predictions."""
   tuned = store.load(path, base=base)
@@ -176,9 +187,7 @@ def evaluate_file(path: str, data_path: str, out_dir: str, base: str | None = No
   max_len = tuned.config.task.max_len or tuned.base_config.model.block_size
   data = task.encode(tuned.tokenizer, examples, tuned.labels, max_len)
   predict = trainer.make_predict(tuned.graphdef, task.loss, tuned.lora_cfg)
-  batch_size = tuned.config.task.eval_batch_size
-  predictions = trainer.predict_all(predict, tuned.trainable, tuned.frozen, data, task.batch_keys, batch_size,
-                                    token_predictions=task.token_predictions)
-  report, rows = task.report(examples, tuned.labels, data, predictions)
+  report, rows = score(task, predict, tuned.trainable, tuned.frozen, examples, data, tuned.labels,
+                       tuned.config.task.eval_batch_size)
   tasks.write_report(out_dir, report, rows)
   return report

@@ -82,8 +82,8 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
   lora_cfg = lora_config(config)
   model_cfg, _, params_target = checkpoint.inference_target(
       base_config, config_lib.check_vocab(base_config, tokenizer.vocab_size), mesh)
-  replicated = params_target["wte"]["embedding"].sharding.mesh  # the mesh inference_target placed params on
-  replicated = sharding.replicated(replicated)
+  # Head and adapters replicated on the mesh inference_target placed the params on.
+  replicated = sharding.replicated(jax.tree.leaves(params_target)[0].sharding.mesh)
   place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
   head_target = place(jax.eval_shape(lambda: _init_head(config, base_config, len(meta["labels"]))))
   if lora_cfg is None:

@@ -11,7 +11,6 @@ from typing import Callable
 
 import jax
 import ml_collections
-import numpy as np
 
 from gptjax.config import ConfigError
 from gptjax.finetune import classify, ner, sft
@@ -143,13 +142,8 @@ def write_report(out_dir: str, report: dict, rows: list[dict]) -> None:
   """out_dir/report.json (metrics) and out_dir/predictions.jsonl (one row per example)."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2, default=_json_number)
+    json.dump(report, f, indent=2)
   with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
     for row in rows:
-      f.write(json.dumps(row, default=_json_number) + "\n")
+      f.write(json.dumps(row) + "\n")
 
-
-def _json_number(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  raise TypeError(f"{type(x).__name__} is not JSON serializable")
