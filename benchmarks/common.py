@@ -1,9 +1,15 @@
-"""Shared by the benchmark scripts: timing and the JSON-last-line report."""
+"""Shared by the benchmark scripts: timing, the machine they ran on, and the JSON-last-line report."""
 
+import functools
 import json
+import os
+import platform
 import time
 
 import numpy as np
+
+# The ISA extensions that decide CPU matmul speed on our machine kind (AMD EPYC: avx2/avx512f; Intel Xeon: + AMX).
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def time_calls(fn, repeats: int) -> list[float]:
@@ -20,8 +26,49 @@ def median(values) -> float:
   return float(np.median(np.asarray(values)))
 
 
+@functools.cache
+def machine() -> dict:
+  """The CPU model, its ISA flags that matter, the XLA flags in force and the measured fp32/bf16 matmul ceilings.
+
+  Timings differ several-fold between the CPU models of one machine kind, so every number is printed beside these.
+  """
+  import jax
+  import jax.numpy as jnp
+  from gptjax import metrics
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:  # a fixed system file, not a user path
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  info = {"cpu": model, "cores": os.cpu_count(), "isa": [f for f in _ISA_FLAGS if f in flags],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    info[f"matmul_{jnp.dtype(dtype).name}_gflops"] = round(metrics.measure_matmul_flops(dtype=dtype) / 1e9, 1)
+  return info
+
+
+def machine_rows() -> list[tuple[str, str]]:
+  """`machine()` as table rows."""
+  m = machine()
+  return [("machine", f"{m['cpu']} ({m['cores']} cores; {' '.join(m['isa']) or 'no avx2'}) | {m['backend']} "
+                      f"{m['device']}"),
+          ("XLA_FLAGS", m["xla_flags"] or "(none)"),
+          ("matmul ceiling 2048^3", f"fp32 {m['matmul_float32_gflops']:.0f} GFLOP/s, "
+                                    f"bf16 {m['matmul_bfloat16_gflops']:.0f} GFLOP/s")]
+
+
 def report(rows: list[tuple[str, str]], result: dict) -> None:
-  """Prints a readable two-column table, then the numbers as one JSON object on the last line."""
+  """Prints the machine, a readable two-column table, then the numbers (with the machine) as one JSON object."""
+  rows = machine_rows() + list(rows)
+  result = dict(result, machine=machine())
   width = max(len(k) for k, _ in rows)
   for key, value in rows:
     print(f"{key:<{width}}  {value}")

@@ -15,9 +15,9 @@ usage() {
 Usage: ${0##*/} --workdir=gs://BUCKET/PATH [options] [-- flags for python -m gptjax.main]
 
 Creates a queued resource (or reuses an ACTIVE one), waits until it is ACTIVE, copies this checkout to every
-worker, installs it with jax[tpu], and runs python -m gptjax.main on all workers (--worker=all). When the run
-exits non-zero or the resource is preempted (SUSPENDED), deletes and recreates the resource and reruns: the
-run resumes from the newest checkpoint in the workdir.
+worker, installs it as tpu_vm.sh does, and runs python -m gptjax.main --distributed on all workers
+(--worker=all). When the run exits non-zero or the resource is preempted (SUSPENDED), deletes and recreates the
+resource and reruns: the run resumes from the newest checkpoint in the workdir.
 
   --name=NAME          queued resource and node id    (TPU_NAME, default gptjax-\$USER)
   --zone=ZONE          zone                           (TPU_ZONE, default us-west4-a)
@@ -25,8 +25,8 @@ run resumes from the newest checkpoint in the workdir.
   --accelerator=TYPE   accelerator type               (TPU_ACCELERATOR, default v5litepod-8; e.g. v5litepod-64)
   --runtime=VERSION    TPU software version           (TPU_RUNTIME, default: the one for the accelerator)
   --config=FILE        gptjax config                  (CONFIG, default configs/gpt2_small.py)
-  --workdir=gs://B/P   run directory shared by all workers: a GCS bucket, mounted with gcsfuse at
-                       /mnt/gcs/B on each worker (WORKDIR, required)
+  --workdir=gs://B/P   run directory shared by all workers, passed to the run as it is (WORKDIR, required)
+  --gcsfuse            mount the bucket with gcsfuse at /mnt/gcs/B on each worker and pass that path instead
   --spot               Spot capacity (cheaper, preemptible)
   --max-restarts=N     recreate-and-resume attempts after the first (MAX_RESTARTS, default 5)
   --poll=SECONDS       interval between state checks  (POLL_SECONDS, default 30)
@@ -38,73 +38,12 @@ EOF
 }
 
 MAX_RESTARTS=${MAX_RESTARTS:-5}
-POLL=${POLL_SECONDS:-30}
-
-# Sets STATE to the queued resource's state, "" when it does not exist.
-query_state() {
-  local describe=("$GCLOUD" compute tpus queued-resources describe "$NAME" "${WHERE[@]}"
-                  --format='value(state.state)')
-  if (( DRY_RUN )); then
-    show "${describe[@]}"
-    STATE=""
-  else
-    STATE=$("${describe[@]}" 2>/dev/null) || STATE=""
-  fi
-}
-
-create_resource() {
-  local create=("$GCLOUD" compute tpus queued-resources create "$NAME" --node-id="$NAME" "${WHERE[@]}"
-                --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME")
-  (( SPOT )) && create+=(--spot)
-  run "${create[@]}"
-}
-
-# Deletes the queued resource with its nodes, if it still exists, and waits until it is gone so that its name
-# can be reused.
-delete_resource() {
-  if (( ! DRY_RUN )); then
-    query_state
-    [[ -n "$STATE" ]] || return 0
-  fi
-  run "$GCLOUD" compute tpus queued-resources delete "$NAME" "${WHERE[@]}" --force --quiet
-  (( DRY_RUN )) && return 0
-  query_state
-  while [[ -n "$STATE" ]]; do
-    log "waiting for $NAME to be deleted ($STATE)"
-    sleep "$POLL"
-    query_state
-  done
-}
-
-# Brings the queued resource to ACTIVE: reuses it, creates it, or replaces a preempted/failed one.
-provision() {
-  query_state
-  case "$STATE" in
-    ACTIVE) log "reusing queued resource $NAME (ACTIVE)"; return 0 ;;
-    "") create_resource ;;
-    SUSPENDING|SUSPENDED|FAILED) log "queued resource $NAME is $STATE: replacing it"; delete_resource; create_resource ;;
-  esac
-  if (( DRY_RUN )); then
-    echo "# then the describe command every ${POLL}s until the state is ACTIVE"
-    return 0
-  fi
-  while :; do
-    query_state
-    case "$STATE" in
-      ACTIVE) log "queued resource $NAME is ACTIVE"; return 0 ;;
-      SUSPENDING|SUSPENDED|FAILED|"") log "queued resource $NAME is ${STATE:-gone} while waiting"; return 1 ;;
-    esac
-    log "waiting for $NAME to be ACTIVE ($STATE)"
-    sleep "$POLL"
-  done
-}
 
 pod_main() {
   while (( $# )); do
     case "$1" in
       -h|--help) usage; exit 0 ;;
       --max-restarts=*) MAX_RESTARTS=${1#*=} ;;
-      --poll=*) POLL=${1#*=} ;;
       --) shift; EXTRA=("$@"); break ;;
       *) parse_common "$1" || die "unknown option $1 (see --help)" ;;
     esac

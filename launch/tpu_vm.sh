@@ -1,34 +1,39 @@
 #!/usr/bin/env bash
-# Trains gptjax on a single-host Cloud TPU VM: create the VM (or reuse it), copy this checkout, install, run.
+# Trains gptjax on a single-host Cloud TPU VM: get it through a queued resource (or reuse it), copy this checkout,
+# install, run.
 #
 #   launch/tpu_vm.sh --name=gpt2-small --zone=us-west4-a --config=configs/gpt2_small.py \
-#     -- --config.model.dtype=bfloat16 --config.data.path='corpus/*.txt'
+#     --workdir=gs://my-bucket/runs/small -- --config.model.dtype=bfloat16 --config.data.path='corpus/*.txt'
 #   launch/tpu_vm.sh --dry-run ...     # print the gcloud commands, run nothing
 #
-# tpu_pod.sh sources this file for the option parsing and the copy/install/run commands.
+# tpu_pod.sh sources this file for the option parsing, the queued resource and the copy/install/run commands.
 set -euo pipefail
 
 usage() {
   cat <<EOF
 Usage: ${0##*/} [options] [-- flags for python -m gptjax.main]
 
-Creates (or reuses) a single-host Cloud TPU VM, copies this checkout to ~/gptjax-src on it, installs it with
-jax[tpu] in ~/gptjax-venv (Python 3.11 through uv) and runs python -m gptjax.main over ssh.
+Creates a queued resource for a single-host Cloud TPU VM (or reuses an ACTIVE one, or replaces a preempted one),
+waits until it is ACTIVE, copies this checkout to ~/gptjax-src on it, installs it with the tpu, gcs and hf extras
+at the tested versions (constraints.txt) in ~/gptjax-venv (Python 3.11 through uv) and runs python -m gptjax.main
+over ssh. Multi-host accelerator types (more than 8 chips or TensorCores) are for tpu_pod.sh.
 
   --name=NAME          TPU VM name                    (TPU_NAME, default gptjax-\$USER)
   --zone=ZONE          zone                           (TPU_ZONE, default us-west4-a)
   --project=PROJECT    project                        (TPU_PROJECT, default: gcloud's configured project)
-  --accelerator=TYPE   accelerator type               (TPU_ACCELERATOR, default v5litepod-8)
+  --accelerator=TYPE   single-host accelerator type   (TPU_ACCELERATOR, default v5litepod-8; e.g. v6e-8, v4-8)
   --runtime=VERSION    TPU software version           (TPU_RUNTIME, default: the one for the accelerator)
   --config=FILE        gptjax config                  (CONFIG, default configs/gpt2_small.py)
-  --workdir=DIR        run directory on the VM, relative to ~/gptjax-src, or gs://BUCKET/PATH (mounted with
-                       gcsfuse at /mnt/gcs/BUCKET)    (WORKDIR, default runs/<config name>)
-  --spot               create a Spot VM (cheaper, preemptible; rerun this command to resume)
-  --dry-run            print the commands instead of running them (the VM is then assumed not to exist)
+  --workdir=DIR        run directory: gs://BUCKET/PATH (kept when the VM goes), or a path on the VM's disk,
+                       relative to ~/gptjax-src       (WORKDIR, default runs/<config name>)
+  --gcsfuse            mount the bucket of a gs:// workdir with gcsfuse at /mnt/gcs/BUCKET and pass that path
+                       (by default the run reads and writes gs:// itself)
+  --spot               Spot capacity (cheaper, preemptible; rerun this command to resume from a gs:// workdir)
+  --poll=SECONDS       interval between state checks  (POLL_SECONDS, default 30)
+  --dry-run            print the commands instead of running them (the resource is then assumed not to exist)
   -h, --help           this text
 
-GCLOUD (default gcloud) is the command used for gcloud; a relative --workdir lives on the VM's disk and goes
-away with the VM.
+GCLOUD (default gcloud) is the command used for gcloud; a workdir on the VM's disk goes away with the VM.
 EOF
 }
 
@@ -40,6 +45,8 @@ ACCELERATOR=${TPU_ACCELERATOR:-v5litepod-8}
 RUNTIME=${TPU_RUNTIME:-}
 CONFIG=${CONFIG:-configs/gpt2_small.py}
 WORKDIR=${WORKDIR:-}
+POLL=${POLL_SECONDS:-30}
+GCSFUSE=0
 SPOT=0
 DRY_RUN=0
 EXTRA=()
@@ -58,7 +65,9 @@ parse_common() {
     --runtime=*) RUNTIME=${1#*=} ;;
     --config=*) CONFIG=${1#*=} ;;
     --workdir=*) WORKDIR=${1#*=} ;;
+    --gcsfuse) GCSFUSE=1 ;;
     --spot) SPOT=1 ;;
+    --poll=*) POLL=${1#*=} ;;
     --dry-run) DRY_RUN=1 ;;
     *) return 1 ;;
   esac
@@ -80,9 +89,13 @@ finish_options() {
   fi
   WHERE=(--zone="$ZONE")
   [[ -n "$PROJECT" ]] && WHERE+=(--project="$PROJECT")
-  JAX_VERSION=$(sed -n 's/.*"jax==\([^"]*\)".*/\1/p' "$REPO/pyproject.toml")
-  [[ -n "$JAX_VERSION" ]] || die "no jax==VERSION pin in $REPO/pyproject.toml."
   return 0
+}
+
+# Whether the accelerator type spans several hosts. Its number counts TensorCores on v2-v4 and v5p (v4-8 = 4 chips)
+# and chips on v5e and v6e (v5litepod-8 = 8 chips); either way one host holds at most 8.
+multi_host() {
+  [[ "$ACCELERATOR" =~ -([0-9]+)$ ]] && (( BASH_REMATCH[1] > 8 ))
 }
 
 # One command line, quoted so that it can be pasted into a shell.
@@ -113,7 +126,7 @@ copy_repo() {
   return "$status"
 }
 
-# The remote shell command that installs the copied checkout (and mounts the bucket of a gs:// workdir).
+# The remote shell command that installs the copied checkout (and, with --gcsfuse, mounts the workdir's bucket).
 install_command() {
   local steps=(
     "mkdir -p ~/gptjax-src"
@@ -122,9 +135,10 @@ install_command() {
     "{ command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; }"
     "export PATH=\$HOME/.local/bin:\$PATH"
     "{ test -x ~/gptjax-venv/bin/python || uv venv --python 3.11 ~/gptjax-venv; }"
-    "uv pip install -q --python ~/gptjax-venv/bin/python ~/gptjax-src 'jax[tpu]==$JAX_VERSION'"
+    # The tested versions; the extras serve gs:// paths (gcs) and data.path='hf:...' (hf) as in launch/README.md.
+    "uv pip install -q --python ~/gptjax-venv/bin/python -c ~/gptjax-src/constraints.txt ~/gptjax-src'[tpu,gcs,hf]'"
   )
-  if [[ "$WORKDIR" == gs://* ]]; then
+  if (( GCSFUSE )) && [[ "$WORKDIR" == gs://* ]]; then
     local bucket=${WORKDIR#gs://}
     bucket=${bucket%%/*}
     steps+=(
@@ -149,13 +163,73 @@ install_command() {
 # The remote shell command that trains; extra gptjax.main flags come as arguments.
 train_command() {
   local workdir=$WORKDIR
-  [[ "$workdir" == gs://* ]] && workdir=/mnt/gcs/${workdir#gs://}
+  (( GCSFUSE )) && [[ "$workdir" == gs://* ]] && workdir=/mnt/gcs/${workdir#gs://}
   local args=(--config="$CONFIG")
   [[ -n "$workdir" ]] && args+=(--workdir="$workdir")
   args+=("$@" "${EXTRA[@]}")
   local quoted
   printf -v quoted ' %q' "${args[@]}"
   echo "cd ~/gptjax-src && ~/gptjax-venv/bin/python -m gptjax.main$quoted"
+}
+
+# Sets STATE to the queued resource's state, "" when it does not exist.
+query_state() {
+  local describe=("$GCLOUD" compute tpus queued-resources describe "$NAME" "${WHERE[@]}"
+                  --format='value(state.state)')
+  if (( DRY_RUN )); then
+    show "${describe[@]}"
+    STATE=""
+  else
+    STATE=$("${describe[@]}" 2>/dev/null) || STATE=""
+  fi
+}
+
+create_resource() {
+  local create=("$GCLOUD" compute tpus queued-resources create "$NAME" --node-id="$NAME" "${WHERE[@]}"
+                --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME")
+  (( SPOT )) && create+=(--spot)
+  run "${create[@]}"
+}
+
+# Deletes the queued resource with its nodes, if it still exists, and waits until it is gone so that its name
+# can be reused.
+delete_resource() {
+  if (( ! DRY_RUN )); then
+    query_state
+    [[ -n "$STATE" ]] || return 0
+  fi
+  run "$GCLOUD" compute tpus queued-resources delete "$NAME" "${WHERE[@]}" --force --quiet
+  (( DRY_RUN )) && return 0
+  query_state
+  while [[ -n "$STATE" ]]; do
+    log "waiting for $NAME to be deleted ($STATE)"
+    sleep "$POLL"
+    query_state
+  done
+}
+
+# Brings the queued resource to ACTIVE: reuses it, creates it, or replaces a preempted/failed one.
+provision() {
+  query_state
+  case "$STATE" in
+    ACTIVE) log "reusing queued resource $NAME (ACTIVE)"; return 0 ;;
+    "") create_resource ;;
+    SUSPENDING|SUSPENDED|FAILED)
+      log "queued resource $NAME is $STATE: replacing it"; delete_resource; create_resource ;;
+  esac
+  if (( DRY_RUN )); then
+    echo "# then the describe command every ${POLL}s until the state is ACTIVE"
+    return 0
+  fi
+  while :; do
+    query_state
+    case "$STATE" in
+      ACTIVE) log "queued resource $NAME is ACTIVE"; return 0 ;;
+      SUSPENDING|SUSPENDED|FAILED|"") log "queued resource $NAME is ${STATE:-gone} while waiting"; return 1 ;;
+    esac
+    log "waiting for $NAME to be ACTIVE ($STATE)"
+    sleep "$POLL"
+  done
 }
 
 # Runs a remote shell command on every worker.
@@ -173,27 +247,17 @@ main() {
     shift
   done
   finish_options
-
-  local state=""
-  if (( DRY_RUN )); then
-    show "$GCLOUD" compute tpus tpu-vm describe "$NAME" "${WHERE[@]}" --format='value(state)'
-  else
-    state=$("$GCLOUD" compute tpus tpu-vm describe "$NAME" "${WHERE[@]}" --format='value(state)' 2>/dev/null) \
-      || state=""
+  if multi_host; then
+    die "--accelerator=$ACCELERATOR spans several hosts: run it with launch/tpu_pod.sh (one process per host," \
+      "a gs:// workdir shared by all). Processes started by hand on each host need --distributed. This script" \
+      "takes single-host types such as v5litepod-8, v6e-8, v4-8 or v5p-8."
   fi
-  case "$state" in
-    READY) log "reusing TPU VM $NAME ($ZONE)" ;;
-    "")
-      local create=("$GCLOUD" compute tpus tpu-vm create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR"
-                    --version="$RUNTIME")
-      (( SPOT )) && create+=(--spot)
-      run "${create[@]}" ;;
-    *) die "TPU VM $NAME is $state, not READY: wait for it, or delete it with" \
-           "'$GCLOUD compute tpus tpu-vm delete $NAME ${WHERE[*]}' and rerun." ;;
-  esac
+  provision || die "queued resource $NAME did not become ACTIVE; rerun this command to try again."
   copy_repo
   on_workers "$(install_command)"
   on_workers "$(train_command)"
+  (( DRY_RUN )) || log "run finished; delete the TPU VM with: $GCLOUD compute tpus queued-resources delete" \
+    "$NAME ${WHERE[*]} --force --quiet"
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then

@@ -1,14 +1,32 @@
-"""Every test process sees 8 fake CPU devices, so sharding is tested without accelerators."""
+"""Every test process sees 8 fake CPU devices, so sharding is tested without accelerators.
+
+`GPTJAX_TEST_DEVICES=1 python -m pytest` runs the suite on one device instead (tests marked `devices(n)` that need
+more then skip), and XLA flags already in XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2) are kept: the suite must hold
+under both, on every CPU family of our machine kind.
+"""
 
 import os
 import pathlib
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+TEST_DEVICES = int(os.environ.get("GPTJAX_TEST_DEVICES", "8"))
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={TEST_DEVICES}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "devices(n): needs n (fake CPU) devices; skipped with fewer")
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    marker = item.get_closest_marker("devices")
+    if marker and marker.args[0] > TEST_DEVICES:
+      item.add_marker(pytest.mark.skip(reason=f"needs {marker.args[0]} devices, GPTJAX_TEST_DEVICES={TEST_DEVICES}"))
 
 
 @pytest.fixture
