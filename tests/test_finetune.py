@@ -134,12 +134,13 @@ def test_lora_step_changes_only_adapters_and_head():
 
 @pytest.mark.parametrize("lora_cfg", [None, trainer.LoraConfig(rank=4, alpha=16.0)], ids=["full", "lora"])
 def test_tiny_classifier_learns_a_separable_task(lora_cfg, tmp_path):
-  graphdef, _, state, frozen, tx = _setup(lora_cfg, learning_rate=1e-2)
+  # lr 1e-2 oscillated with LoRA under --xla_cpu_max_isa=AVX2 (64/64 -> 59/64 -> 64/64); 3e-3 converges everywhere.
+  graphdef, _, state, frozen, tx = _setup(lora_cfg, learning_rate=3e-3)
   data = _separable_task()
   step = trainer.make_step(graphdef, tx, classify.loss, lora_cfg)
   predict = trainer.make_predict(graphdef, classify.loss, lora_cfg)
   assert (np.asarray(predict(state["trainable"], frozen, data)) != data["labels"]).any()
-  for _ in range(100):  # 100% from step ~40 on an AMD EPYC; 63/64 on an Intel Xeon (another summation order)
+  for _ in range(100):  # 100% from step ~50 on AMD EPYC (AVX-512 and AVX2, fast math or not)
     state, out = step(state, frozen, data)
   examples = [classify.Example(f"row {i}", str(y), f"synthetic:{i}") for i, y in enumerate(data["labels"])]
   predictions = trainer.predict_all(predict, state["trainable"], frozen, data, ("tokens", "lengths", "labels"),
