@@ -115,6 +115,7 @@ def test_resume_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_path, co
     loop.run(other, str(tmp_path))
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("target_mesh, n_devices", [((8, 1, 1), 8), ((1, 1, 8), 8), ((2, 2, 1), 4), ((1, 1, 1), 1)])
 def test_restore_on_another_mesh(tmp_path, target_mesh, n_devices):
   source_config = tiny_config(mesh=(2, 2, 2))

@@ -145,6 +145,7 @@ def _ner_config(tmp_path, base, rank, mesh=(-1, 1, 1)):
   return c
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("rank, mesh", [(0, (-1, 1, 1)), (4, (2, 2, 2))], ids=["full-data8", "lora-2x2x2"])
 def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh):
   tok = _char_tokenizer()

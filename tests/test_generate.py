@@ -257,6 +257,7 @@ def single_device():
 @pytest.mark.parametrize("mesh_shape, cache_spec", [((8, 1, 1), P("data", None, None)),
                                                     ((2, 2, 2), P(("data", "fsdp", "tensor"), None, None)),
                                                     ((1, 1, 8), P("tensor", None, None))])
+@pytest.mark.devices(8)
 def test_sharded_decoding_equals_single_device(single_device, mesh_shape, cache_spec):
   graphdef, params, prompts, expected, three_samples = single_device
   config = tiny_config(block_size=32, mesh=mesh_shape)

@@ -176,6 +176,7 @@ def test_other_weight_files_load_the_same(hf_models, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(hf.import_hf(str(other)).params), expected)
 
 
+@pytest.mark.devices(8)
 def test_sharded_import_matches_one_device(hf_models):
   directory, _ = hf_models[SHAPES[0]]
   c = config_lib.default_config()

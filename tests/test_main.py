@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests.conftest import TEST_DEVICES
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.n_embd=32",
         "--config.model.block_size=32", "--config.data.vocab_size=300", "--config.train.batch_size=8",
@@ -36,7 +38,7 @@ def test_main_trains_logs_checkpoints_and_samples(tmp_path, corpus):
   result = subprocess.run(_main(workdir, corpus, "--config.train.steps=30"), cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "devices: 8 x cpu" in result.stdout and "FLOPs/token" in result.stdout
+  assert f"devices: {TEST_DEVICES} x cpu" in result.stdout and "FLOPs/token" in result.stdout
   assert "---- sample 0 ----" in result.stdout
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "train_loss" in r]

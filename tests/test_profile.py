@@ -10,6 +10,7 @@ from gptjax import config as config_lib, loop
 from tests.helpers import tiny_config
 
 
+@pytest.mark.devices(8)
 @pytest.mark.slow
 def test_profiled_run_writes_a_trace_and_a_summary(tmp_path, corpus, capsys):
   config = tiny_config(steps=6, batch_size=8, mesh=(4, 2, 1), eval_every=0, eval_batches=2)

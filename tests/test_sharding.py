@@ -35,6 +35,7 @@ def _assert_trees_close(a, b, atol):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=1e-5), a, b)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("mesh_shape", MESHES)
 def test_sharded_forward_grads_and_step_equal_single_device(reference, mesh_shape):
   config = tiny_config(mesh=mesh_shape)
@@ -54,6 +55,7 @@ def test_sharded_forward_grads_and_step_equal_single_device(reference, mesh_shap
   np.testing.assert_allclose(metrics["train_loss"], reference["metrics"]["train_loss"], atol=1e-5)
 
 
+@pytest.mark.devices(8)
 def test_parameters_are_sharded_as_the_rules_say():
   _, state, _, _, _ = build(tiny_config(mesh=(2, 2, 2)))
   params = state["params"]
@@ -71,6 +73,7 @@ def test_parameters_are_sharded_as_the_rules_say():
   assert mu.sharding.spec == P("tensor", "fsdp")
 
 
+@pytest.mark.devices(8)
 def test_indivisible_dimension_is_replicated():
   mesh = sharding.make_mesh(tiny_config(mesh=(1, 1, 8)))
   assert sharding.logical_to_spec(("heads", "embed"), (12, 64), tiny_config().mesh.rules, mesh) == P(None, None)

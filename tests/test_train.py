@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from gptjax import sharding, train
 from tests.helpers import build, random_tokens, tiny_config
@@ -33,6 +34,7 @@ def test_gradient_accumulation_equals_one_big_batch():
                jax.device_get(big["params"]))
 
 
+@pytest.mark.devices(8)
 def test_accumulation_on_a_mesh_equals_single_device():
   tokens = random_tokens((8, 17))
   single, _ = _run_steps(tiny_config(batch_size=8, micro_batch_size=4), [tokens.reshape(2, 4, 17)])
