@@ -7,6 +7,11 @@ splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`), ru
 (a Mosaic kernel cannot be partitioned by GSPMD); on CPU the same kernel runs in Pallas interpret mode, which
 is slow but lets the tests compare it with the reference.
 
+The kernel follows the platform a program is lowered for (`platform`, default this process's): lowering for
+'tpu' on a CPU machine (`jax.export`, `python -m gptjax.plan --platform=tpu`) gives splash's Mosaic custom call,
+not the interpret-mode HLO. A run resolves 'auto' once with `choose`, which falls back to 'xla' when the fused
+kernel 'auto' picked does not compile on the device.
+
 Decoding attends new queries to a KV cache laid out [Z, S, H] with batch and heads flattened (Z = B*N): the
 batched dots then read the cache as it is stored. With [B, N, S, H], XLA:CPU reshapes between the in-place
 cache update and the dot and so copies the whole cache for every token (measured 2.4x slower at S=1024).
@@ -17,36 +22,88 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import NamedSharding
 
 from gptjax import config as config_lib, sharding
 
 QUERY_BLOCK = 128
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the (padded) sequence; Mosaic needs multiples of 128
+FUSED = {"pallas": "Pallas splash attention", "cudnn": "cuDNN fused attention"}  # what 'auto' may pick
 
 
-def resolve(implementation: str, dtype) -> str:
-  """'auto' -> splash attention on TPUs, cuDNN's fused kernel on NVIDIA GPUs in half precision, else 'causal_blocks'."""
-  backend = jax.default_backend()
-  if implementation == "pallas" and backend not in ("tpu", "cpu"):
+def device_platform() -> str:
+  """The platform this process computes on: 'tpu', 'gpu' or 'cpu'."""
+  return jax.default_backend()
+
+
+def resolve(implementation: str, dtype, platform: str = "") -> str:
+  """The kernel for `platform` (default: this process's): 'auto' -> splash attention on TPUs, cuDNN's fused
+  kernel on NVIDIA GPUs in half precision, else 'causal_blocks'."""
+  platform = platform or device_platform()
+  if implementation == "pallas" and platform not in ("tpu", "cpu"):
     raise config_lib.ConfigError(
-        f"model.attention='pallas' is a TPU kernel and this backend is {backend!r}: set model.attention='auto' "
+        f"model.attention='pallas' is a TPU kernel and the platform is {platform!r}: set model.attention='auto' "
         "(cudnn on NVIDIA GPUs in bfloat16) or 'xla'.")
   if implementation != "auto":
     return implementation
-  if backend == "tpu":
+  if platform == "tpu":
     return "pallas"
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if backend == "gpu" and half else "causal_blocks"
+  return "cudnn" if platform in ("gpu", "cuda") and half else "causal_blocks"
 
 
-def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, implementation: str) -> jax.Array:
-  """softmax(q k^T / sqrt(H) + causal mask) v with the chosen kernel; inputs and output are [B, T, N, H]."""
-  implementation = resolve(implementation, q_BTNH.dtype)
+def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh=None) -> str:
+  """The kernel a run uses on this device: `resolve`'s, except that when 'auto' picked a fused kernel that does
+  not compile (forward and backward) for one of the run's sequence lengths, 'xla', with one warning.
+
+  The probe is one sequence per data-parallel shard, placed as the steps place it: the kernels are vmapped over
+  the batch, which changes only their grid. An explicit 'pallas' or 'cudnn' is returned as is: its failure stays
+  loud.
+  """
+  kernel = resolve(implementation, dtype)
+  if implementation != "auto" or kernel not in FUSED:
+    return kernel
+  if kernel == "pallas":  # splash pads the sequence: one probe per padded length (with its longest T)
+    lengths = {_splash_length(T): T for T in sorted(lengths)}.values()
+  batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  for T in sorted(set(lengths)):
+    try:
+      _compile_probe(kernel, jax.ShapeDtypeStruct((batch, T, n_head, head_dim), dtype), mesh)
+    except Exception as e:  # Mosaic, Triton and cuDNN reject shapes with various exception types
+      error = (str(e).strip().splitlines() or [""])[0][:500].rstrip(".")
+      logging.warning("model.attention='auto' picked %s (%r), which does not compile on this %s device for "
+                      "sequence length %d, %d heads of size %d, %s (batch %d, one row per data-parallel shard): "
+                      "%s: %s. Continuing with model.attention='xla'; set it explicitly to skip this check.",
+                      FUSED[kernel], kernel, device_platform(), T, n_head, head_dim, jnp.dtype(dtype).name, batch,
+                      type(e).__name__, error)
+      return "xla"
+  return kernel
+
+
+def _compile_probe(kernel: str, qkv: jax.ShapeDtypeStruct, mesh) -> None:
+  """Compiles the kernel's forward and backward pass for this shape, placed as the train step places it."""
+  def loss(q_BTNH, k_BSNH, v_BSNH):
+    return causal_attention(q_BTNH, k_BSNH, v_BSNH, kernel).astype(jnp.float32).sum()
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  if mesh is not None:
+    spec = sharding.logical_to_spec(("batch", None, "heads", None), qkv.shape, config_lib.DEFAULT_RULES, mesh)
+    qkv = jax.ShapeDtypeStruct(qkv.shape, qkv.dtype, sharding=NamedSharding(mesh, spec))
+    grad = sharding.under_mesh(grad, mesh)
+  jax.jit(grad).lower(qkv, qkv, qkv).compile()
+
+
+def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, implementation: str,
+                     platform: str = "") -> jax.Array:
+  """softmax(q k^T / sqrt(H) + causal mask) v with the kernel for `platform` (default: this process's); inputs
+  and output are [B, T, N, H]."""
+  platform = platform or device_platform()
+  implementation = resolve(implementation, q_BTNH.dtype, platform)
   if implementation == "causal_blocks":
     return _causal_blocks(q_BTNH, k_BSNH, v_BSNH)
   if implementation == "pallas":
-    return _splash(q_BTNH, k_BSNH, v_BSNH)
+    return _splash(q_BTNH, k_BSNH, v_BSNH, interpret=platform == "cpu")
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, implementation=implementation)
 
 
@@ -64,27 +121,33 @@ def _causal_blocks(q_BTNH, k_BSNH, v_BSNH):
   return jnp.concatenate(outputs, axis=1)
 
 
-def _splash(q_BTNH, k_BSNH, v_BSNH):
+def _splash(q_BTNH, k_BSNH, v_BSNH, interpret: bool):
   """Splash attention, each device over its own batch rows and heads (batch and heads as the default rules)."""
+  local = functools.partial(_splash_local, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _splash_local(q_BTNH, k_BSNH, v_BSNH)
+    return local(q_BTNH, k_BSNH, v_BSNH)
   spec = sharding.logical_to_spec(("batch", None, "heads", None), q_BTNH.shape, config_lib.DEFAULT_RULES, mesh)
   # The kernel's pallas_call does not declare how its outputs vary over the mesh: no vma check.
-  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
       q_BTNH, k_BSNH, v_BSNH)
 
 
-def _splash_local(q_BTNH, k_BSNH, v_BSNH):
+def _splash_local(q_BTNH, k_BSNH, v_BSNH, interpret: bool):
   B, T, N, H = q_BTNH.shape
-  # Keys padded at the end are never attended (causal), and padded queries are cut off: any T works.
-  T_pad = -(-T // SPLASH_BLOCKS[-1]) * SPLASH_BLOCKS[-1]
-  kernel = _splash_kernel(N, T_pad, jax.default_backend() == "cpu")
+  T_pad = _splash_length(T)
+  kernel = _splash_kernel(N, T_pad, interpret)
   to_BNTH = lambda x_BTNH: jnp.pad(x_BTNH, ((0, 0), (0, T_pad - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   # The kernel does not scale the logits.
   q_BNTH = to_BNTH(q_BTNH * jnp.asarray(1 / np.sqrt(H), q_BTNH.dtype))
   y_BNTH = jax.vmap(kernel)(q_BNTH, to_BNTH(k_BSNH), to_BNTH(v_BSNH))
   return y_BNTH.transpose(0, 2, 1, 3)[:, :T]
+
+
+def _splash_length(T: int) -> int:
+  """The sequence length splash runs at: keys padded at the end are never attended (causal) and padded queries
+  are cut off, so any T works."""
+  return -(-T // SPLASH_BLOCKS[-1]) * SPLASH_BLOCKS[-1]
 
 
 @functools.cache

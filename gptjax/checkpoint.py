@@ -7,9 +7,7 @@ that carries the *current* mesh's shardings: a checkpoint written on one mesh lo
 
 import base64
 import dataclasses
-import json
 import os
-import tempfile
 import time
 
 import jax
@@ -20,8 +18,9 @@ from absl import logging
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from gptjax import config as config_lib, sharding
-from gptjax.data import load_tokenizer
+from gptjax import config as config_lib, paths, sharding
+from gptjax.data.tokenizer import from_saved
+from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
 EXPORT_MARKER = "export.json"
@@ -29,7 +28,7 @@ EXPORT_MARKER = "export.json"
 HF_PREFIX = "hf:"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be read; the message names it and what to do."""
 
 
@@ -43,7 +42,7 @@ def manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=ck.async_save, create=True,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  return ocp.CheckpointManager(paths.absolute(os.path.join(workdir, "checkpoints")), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, config, tokenizer,
@@ -90,20 +89,20 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     for step in steps:
       source = os.path.join(str(mngr.directory), str(step))
       target = os.path.join(str(mngr.directory), f"corrupt-{step}-{int(time.time())}")
-      os.rename(source, target)
+      paths.path(source).rename(target)
       print(f"WARNING: moved the unreadable checkpoint {source} to {target}", flush=True)
   mngr.reload()
 
 
 def check_tokenizer(mngr: ocp.CheckpointManager, step: int, tokenizer) -> None:
-  """Raises ValueError when the checkpoint at `step` was trained with a different tokenizer."""
+  """Raises ConfigError when the checkpoint at `step` was trained with a different tokenizer."""
   try:
     saved = tokenizer_from_files(mngr.restore(step, args=ocp.args.Composite(
         tokenizer=ocp.args.JsonRestore()))["tokenizer"])
   except Exception as e:
     raise CheckpointError(f"checkpoint {mngr.directory}/{step} has no readable tokenizer ({e})") from e
   if saved.fingerprint != tokenizer.fingerprint:
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"checkpoint {mngr.directory}/{step} was trained with tokenizer {saved.fingerprint} ({saved.kind}, "
         f"{saved.vocab_size} tokens) but the data now gives {tokenizer.fingerprint} ({tokenizer.kind}, "
         f"{tokenizer.vocab_size} tokens): the corpus or data.* settings changed. Restore them, or use a new "
@@ -139,18 +138,22 @@ def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
   if path.startswith(HF_PREFIX):
     from gptjax import hf  # pylint: disable=import-outside-toplevel  # here: hf imports this module
     return hf.import_hf(path[len(HF_PREFIX):], mesh)
-  if os.path.exists(os.path.join(path, EXPORT_MARKER)):
+  if paths.path(os.path.join(path, EXPORT_MARKER)).exists():
     return _load_export(path, mesh)
   checkpoints = os.path.join(path, "checkpoints")
-  if not os.path.isdir(checkpoints):
+  if not paths.is_dir(checkpoints):
     raise CheckpointError(f"{path!r} is neither a run directory (no checkpoints/ inside) nor an exported model "
                           f"(no {EXPORT_MARKER}); pass the --workdir of a training run or an export.")
-  mngr = ocp.CheckpointManager(os.path.abspath(checkpoints), options=ocp.CheckpointManagerOptions(create=False))
+  mngr = ocp.CheckpointManager(paths.absolute(checkpoints), options=ocp.CheckpointManagerOptions(create=False))
   steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
   if not steps:
     raise CheckpointError(f"{checkpoints} holds no complete checkpoint yet.")
-  meta = mngr.restore(steps[0], args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                         tokenizer=ocp.args.JsonRestore()))
+  try:
+    meta = mngr.restore(steps[0], args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                           tokenizer=ocp.args.JsonRestore()))
+  except Exception as e:  # Orbax raises many types for missing or corrupt items
+    raise CheckpointError(f"checkpoint {checkpoints}/{steps[0]} cannot be read ({type(e).__name__}: {str(e)[:300]}); "
+                          "pass the --step of an older one, or move it away.") from e
   config = ml_collections.ConfigDict(meta["config"])
   tokenizer = tokenizer_from_files(meta["tokenizer"])
   model_cfg, graphdef, target = inference_target(config, config_lib.check_vocab(config, tokenizer.vocab_size), mesh)
@@ -168,38 +171,34 @@ def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
 def export(path: str, out_dir: str, dtype: str = "float32", step: int | None = None) -> str:
   """Writes a parameters-only inference checkpoint (params in `dtype`, config, tokenizer) to out_dir."""
   loaded = load_model(path, step=step)
-  source = path if path.startswith(HF_PREFIX) else os.path.abspath(path)
+  source = path if path.startswith(HF_PREFIX) else paths.absolute(path)
   return write_export(out_dir, loaded.params, loaded.config, loaded.tokenizer, loaded.step, dtype, source)
 
 
 def write_export(out_dir: str, params, config, tokenizer, step: int, dtype: str = "float32", source: str = "") -> str:
   """Writes params (cast to `dtype`), config and tokenizer as an export that `load_model` reads."""
   params = jax.tree.map(lambda x: x.astype(dtype), params)
-  out_dir = os.path.abspath(out_dir)
+  out_dir = paths.absolute(out_dir)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(out_dir, "params"), params, force=True)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    with paths.atomic_write(os.path.join(out_dir, "config.json")) as f:
       f.write(config.to_json(indent=2))
-    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
-      json.dump(tokenizer_files(tokenizer), f)
-    with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:  # last: marks a complete export
-      json.dump({"step": step, "dtype": dtype, "source": source}, f, indent=2)
+    paths.write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_files(tokenizer), indent=None)
+    # Last: marks a complete export.
+    paths.write_json(os.path.join(out_dir, EXPORT_MARKER), {"step": step, "dtype": dtype, "source": source}, indent=2)
   return out_dir
 
 
 def _load_export(path: str, mesh) -> LoadedModel:
-  with open(os.path.join(path, EXPORT_MARKER)) as f:
-    marker = json.load(f)
-  with open(os.path.join(path, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(os.path.join(path, "tokenizer.json")) as f:
-    tokenizer = tokenizer_from_files(json.load(f))
+  marker = paths.read_json(os.path.join(path, EXPORT_MARKER))
+  config = ml_collections.ConfigDict(paths.read_json(os.path.join(path, "config.json")))
+  tokenizer = tokenizer_from_files(paths.read_json(os.path.join(path, "tokenizer.json")))
   model_cfg, graphdef, target = inference_target(config, config_lib.check_vocab(config, tokenizer.vocab_size), mesh,
                                                  jnp.dtype(marker["dtype"]))
   try:
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
+    params = ocp.StandardCheckpointer().restore(os.path.join(paths.absolute(path), "params"), target)
   except Exception as e:
     raise CheckpointError(f"exported parameters in {path}/params cannot be read ({e}); export again.") from e
   return LoadedModel(config, model_cfg, graphdef, params, tokenizer, marker["step"])
@@ -226,18 +225,8 @@ def _grain_checkpoint():
 
 def tokenizer_files(tokenizer) -> dict:
   """The tokenizer's saved files as {name: base64}: a JSON item stored in every checkpoint."""
-  with tempfile.TemporaryDirectory() as directory:
-    tokenizer.save(directory)
-    files = {}
-    for name in sorted(os.listdir(directory)):
-      with open(os.path.join(directory, name), "rb") as f:
-        files[name] = base64.b64encode(f.read()).decode("ascii")
-  return files
+  return {name: base64.b64encode(content).decode("ascii") for name, content in sorted(tokenizer.files().items())}
 
 
 def tokenizer_from_files(files: dict):
-  with tempfile.TemporaryDirectory() as directory:
-    for name, content in files.items():
-      with open(os.path.join(directory, name), "wb") as f:
-        f.write(base64.b64decode(content))
-    return load_tokenizer(directory)
+  return from_saved({name: base64.b64decode(content) for name, content in files.items()}, "a checkpoint's tokenizer")

@@ -1,10 +1,12 @@
-"""What the command-line entry points share: the --config/--workdir pair and quiet library logs."""
+"""What the command-line entry points share: the --config/--workdir pair, quiet library logs, one-line errors."""
 
 import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from gptjax import errors, paths
 
 
 def define_config_flags(workdir_help: str):
@@ -36,12 +38,41 @@ def initialize_distributed() -> None:
 
 
 def workdir(workdir_flag) -> str:
-  """--workdir, or runs/<config file name> when it is not given."""
+  """--workdir, or runs/<config file name> when it is not given; StorageError if its storage is unusable."""
   config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-  return workdir_flag.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+  path = workdir_flag.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+  try:
+    paths.check(path)  # before any work: a URL that cannot be served never becomes a local folder
+  except paths.StorageError as e:
+    raise paths.StorageError(f"--workdir={path}: {e}") from e
+  return path
 
 
 def quiet_libraries() -> None:
   """Orbax logs every save at INFO, which absl shows by default under app.run; --verbosity=0 brings it back."""
   if not any(arg.split("=")[0] in ("--verbosity", "-v", "--v") for arg in sys.argv[1:]):
     logging.set_verbosity(logging.WARNING)
+
+
+def run(main) -> None:
+  """absl's app.run(main), where an error the user can fix (errors.UserError) prints as one `error: ...` line on
+  stderr and exits with status 2; bugs keep their traceback, and --verbosity=1 shows it for user errors too."""
+  def main_with_one_line_errors(argv):
+    try:
+      return main(argv)
+    except errors.UserError as e:
+      if flags.FLAGS.verbosity >= 1:
+        raise
+      message = f"error: {e}"
+    # Out of the except block, the traceback is gone and with it the frames' objects: Grain iterators stop their
+    # worker processes now rather than at interpreter exit.
+    print(message, file=sys.stderr, flush=True)
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+      # At exit, jax.distributed waits (5 minutes) for every process at a barrier that the others, blocked in a
+      # collective this process will not join, never reach. Leaving at once ends them too (their runtime sees this
+      # process gone).
+      sys.stdout.flush()
+      os._exit(2)
+    sys.exit(2)
+  app.run(main_with_one_line_errors)

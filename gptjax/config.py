@@ -6,6 +6,8 @@ overridden on the command line: `--config.train.steps=100`.
 
 import ml_collections
 
+from gptjax.errors import UserError
+
 # Logical parameter/activation axis -> mesh axis (or None = replicated). Model code names only the logical
 # axes; this table is the whole sharding strategy. A dimension that a mesh axis does not divide is replicated.
 DEFAULT_RULES = (
@@ -50,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Attention kernel: 'xla' or 'cudnn' (NVIDIA GPUs, bf16/fp16) for jax.nn.dot_product_attention;
   # 'causal_blocks' (XLA, skips fully masked key blocks: 1.6x faster GPT-2 small steps at context 1024 on CPU);
   # 'pallas' (TPU: the Pallas splash-attention kernel; on CPU it runs in Pallas interpret mode, for tests only);
-  # 'auto' = pallas on TPUs, cudnn on GPUs in half precision, else causal_blocks.
+  # 'auto' = pallas on TPUs, cudnn on GPUs in half precision, else causal_blocks; a run whose device cannot compile
+  # that fused kernel for its shapes warns once and uses 'xla'.
   m.attention = "auto"
   # Run the blocks with lax.scan over stacked weights (fast compiles); False = Python loop.
   m.scan_layers = True
@@ -167,7 +170,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A configuration value that cannot work; the message names the field and the fix."""
 
 

@@ -28,6 +28,9 @@ from absl import app, flags
 from flax import nnx
 from tqdm import tqdm
 
+from gptjax import cli
+from gptjax.data import DataError
+
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _token_nll(params, tokens_BT1, graphdef):
@@ -67,7 +70,7 @@ def evaluate_texts(params, graphdef, tokenizer, texts: Iterable[str], batch_size
   windows, scored, n_bytes = token_windows(tokenizer, texts, cfg.block_size)
   n_tokens = int(scored.sum())
   if n_tokens == 0:
-    raise ValueError("the texts hold no tokens to score; give non-empty text files.")
+    raise DataError("the texts hold no tokens to score; give non-empty text files.")
   # Whole batches only: one compilation; the padding rows score nothing.
   n_rows = -(-len(windows) // batch_size) * batch_size
   windows = np.concatenate([windows, np.zeros((n_rows - len(windows), windows.shape[1]), np.int32)])
@@ -83,11 +86,11 @@ def evaluate_texts(params, graphdef, tokenizer, texts: Iterable[str], batch_size
 
 def main(argv):
   del argv
-  from gptjax import checkpoint, cli, data
+  from gptjax import checkpoint, data, paths
   from gptjax.finetune import run as finetune_run, store
   cli.quiet_libraries()
   f = flags.FLAGS
-  if os.path.exists(os.path.join(f.workdir, "finetuned", store.TASK_FILE)):  # a fine-tuned task model
+  if paths.path(os.path.join(f.workdir, "finetuned", store.TASK_FILE)).exists():  # a fine-tuned task model
     if len(f.data) != 1:
       raise app.UsageError("a fine-tuned model scores one file in its task's format: pass one --data file.")
     out = f.out or os.path.join(f.workdir, "eval-" + os.path.basename(f.data[0]))
@@ -113,4 +116,4 @@ if __name__ == "__main__":
                       "(default <workdir>/eval-<data file name>).")
   flags.DEFINE_string("base", None, "Fine-tuned LoRA models: the base to put the adapters on (default: the one "
                       "they were trained from).")
-  app.run(main)
+  cli.run(main)

@@ -6,7 +6,9 @@ The export (params in the chosen dtype, config, tokenizer) loads with `gptjax.ch
 sample/evaluate commands and `checkpoint.init_from`.
 """
 
-from absl import app, flags
+from absl import flags
+
+from gptjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to export from.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Directory to write the export to.", required=True)
@@ -16,11 +18,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 
 def main(argv):
   del argv
-  from gptjax import checkpoint, cli
+  from gptjax import checkpoint
   cli.quiet_libraries()
   out = checkpoint.export(_WORKDIR.value, _OUT.value, _DTYPE.value, _STEP.value)
   print(f"exported {_WORKDIR.value} -> {out} ({_DTYPE.value})")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,20 +10,21 @@ on both sides; our vocabulary is padded to a multiple of model.vocab_multiple wi
 never draws (the tokenizer's vocab_size bounds it) and an export drops again.
 """
 
+import io
 import json
 import os
 import re
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from gptjax import checkpoint, cli, config as config_lib
+from gptjax import checkpoint, cli, config as config_lib, paths
 from gptjax.data import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 from gptjax.model import unstack_layers
 
 # Both are GELU's tanh approximation (gptjax's MLP); HF names it either way.
@@ -50,7 +51,7 @@ _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
 _GPT2_FILES = ("vocab.json", "merges.txt")
 
 
-class HFError(ValueError):
+class HFError(UserError, ValueError):
   """A Hugging Face directory or gptjax model that does not map onto GPT-2; the message names it and the fix."""
 
 
@@ -68,11 +69,10 @@ def _hf_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def read_hf_config(directory: str) -> dict:
   """config.json of a HF GPT-2 directory, checked to describe the computation gptjax's GPT-2 does."""
   path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise HFError(f"{directory!r} has no config.json: pass a directory written by transformers' save_pretrained "
                   "(config.json + model.safetensors), or a hub name such as 'gpt2'.")
-  with open(path) as f:
-    hf = json.load(f)
+  hf = paths.read_json(path)
   if hf.get("model_type") != "gpt2":
     raise HFError(f"{path}: model_type={hf.get('model_type')!r} (architectures {hf.get('architectures')}); only "
                   "GPT-2 checkpoints (model_type 'gpt2', e.g. GPT2LMHeadModel) map onto gptjax's model.")
@@ -97,7 +97,9 @@ def gptjax_config(hf: dict, tokenizer_path: str = ""):
 
 
 def _local_dir(path_or_name: str) -> str:
-  """A local directory as is; otherwise a hub name, downloaded (weights in one format only) to HF's cache."""
+  """A local directory or a URL as is; otherwise a hub name, downloaded (weights in one format only) to HF's cache."""
+  if paths.is_remote(path_or_name):
+    return path_or_name
   if os.path.isdir(os.path.expanduser(path_or_name)):  # flags like --hf=~/gpt2 reach us unexpanded
     return os.path.expanduser(path_or_name)
   if os.path.exists(os.path.expanduser(path_or_name)) or path_or_name.startswith((".", "/", "~")):
@@ -121,13 +123,17 @@ def _local_dir(path_or_name: str) -> str:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """The tensors of a .safetensors file, memory-mapped (safetensors' own numpy API lacks bfloat16)."""
+  """The tensors of a .safetensors file, memory-mapped when local, else read whole (safetensors' own numpy API lacks
+  bfloat16)."""
   try:
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
       header_len = int.from_bytes(f.read(8), "little")
       header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    data = np.memmap(path, np.uint8, mode="r", offset=8 + header_len) if header else None
+      header.pop("__metadata__", None)
+      if paths.is_remote(path):
+        data = np.frombuffer(f.read(), np.uint8)
+      else:
+        data = np.memmap(path, np.uint8, mode="r", offset=8 + header_len) if header else None
     tensors = {}
     for name, t in header.items():
       begin, end = t["data_offsets"]
@@ -147,7 +153,7 @@ def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     offset += a.nbytes
   blob = json.dumps(header).encode()
   blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as the format recommends
-  with open(path, "wb") as f:
+  with paths.atomic_write(path, "wb") as f:
     f.write(len(blob).to_bytes(8, "little") + blob)
     for a in tensors.values():
       np.ascontiguousarray(a).tofile(f)
@@ -159,7 +165,10 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   except ImportError as e:
     raise HFError(f"{path} is a PyTorch pickle: reading it needs torch (pip install torch), or save the model "
                   "as model.safetensors.") from e
-  state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  if paths.is_remote(path):  # no memory map over a network: read whole
+    state = torch.load(io.BytesIO(paths.path(path).read_bytes()), map_location="cpu", weights_only=True)
+  else:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
   return {name: (t.float() if t.dtype == torch.bfloat16 else t).detach().numpy() for name, t in state.items()}
 
 
@@ -167,13 +176,12 @@ def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of a HF model directory by name (without 'transformer.'): safetensors (sharded too) or .bin."""
   def path(name):
     return os.path.join(directory, name)
-  if os.path.exists(path("model.safetensors")):
+  if paths.path(path("model.safetensors")).exists():
     tensors = _read_safetensors(path("model.safetensors"))
-  elif os.path.exists(path("model.safetensors.index.json")):
-    with open(path("model.safetensors.index.json")) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif paths.path(path("model.safetensors.index.json")).exists():
+    files = sorted(set(paths.read_json(path("model.safetensors.index.json"))["weight_map"].values()))
     tensors = {name: t for file in files for name, t in _read_safetensors(path(file)).items()}
-  elif os.path.exists(path("pytorch_model.bin")):
+  elif paths.path(path("pytorch_model.bin")).exists():
     tensors = _read_torch(path("pytorch_model.bin"))
   else:
     raise HFError(f"{directory!r} has no weights (model.safetensors, model.safetensors.index.json or "
@@ -183,14 +191,13 @@ def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
 
 def _hf_tokenizer(directory: str) -> tokenizer_lib.GPT2Tokenizer:
   """GPT-2's byte-level BPE from vocab.json + merges.txt, or else from a transformers tokenizer.json."""
-  if all(os.path.exists(os.path.join(directory, name)) for name in _GPT2_FILES):
+  if all(paths.path(os.path.join(directory, name)).exists() for name in _GPT2_FILES):
     return tokenizer_lib.GPT2Tokenizer.from_files(directory)
   path = os.path.join(directory, "tokenizer.json")
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise HFError(f"{directory!r} has no tokenizer (vocab.json + merges.txt, or tokenizer.json): copy the model's "
                   "tokenizer files into it; gptjax reads and writes this model's text with them.")
-  with open(path, encoding="utf-8") as f:
-    spec = json.load(f)
+  spec = paths.read_json(path)
   model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
   if (model.get("type"), pre.get("type"), pre.get("add_prefix_space", False)) != ("BPE", "ByteLevel", False):
     raise HFError(f"{path}: a {model.get('type')} model with pre-tokenizer {pre.get('type')} (add_prefix_space="
@@ -198,15 +205,13 @@ def _hf_tokenizer(directory: str) -> tokenizer_lib.GPT2Tokenizer:
                   "merges.txt to the directory.")
   vocab = dict(model["vocab"]) | {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
   merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-  with tempfile.TemporaryDirectory() as tmp:
-    _write_gpt2_files(tmp, vocab, merges)
-    return tokenizer_lib.GPT2Tokenizer.from_files(tmp)
+  return tokenizer_lib.GPT2Tokenizer.from_vocab(vocab, merges, path, path)
 
 
 def _write_gpt2_files(directory: str, vocab: dict[str, int], merges: list[str]) -> None:
-  with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+  with paths.atomic_write(os.path.join(directory, "vocab.json")) as f:
     json.dump(vocab, f, ensure_ascii=False)
-  with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+  with paths.atomic_write(os.path.join(directory, "merges.txt")) as f:
     f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
 
 
@@ -226,7 +231,7 @@ def import_hf(path_or_name: str, mesh=None) -> checkpoint.LoadedModel:
   if tokenizer.vocab_size > hf["vocab_size"]:
     raise HFError(f"{directory!r}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
                   f"{hf['vocab_size']}: the tokenizer files belong to another model.")
-  config = gptjax_config(hf, os.path.abspath(directory))
+  config = gptjax_config(hf, paths.absolute(directory))
   model_cfg, graphdef, target = checkpoint.inference_target(config, config.model.vocab_size, mesh)
   tensors = read_hf_tensors(directory)
   used = set()
@@ -297,7 +302,7 @@ def export_hf(path: str, out_dir: str, dtype: str = "float32", step: int | None 
   tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:tokenizer.vocab_size]
   for i in range(cfg.n_layer):
     tensors |= {f"transformer.h.{i}.{name}": get(params["blocks"][i], keys) for keys, name in _BLOCK_NAMES.items()}
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   _write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
   hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": tokenizer.vocab_size,
         "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
@@ -307,15 +312,14 @@ def export_hf(path: str, out_dir: str, dtype: str = "float32", step: int | None 
         "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "tie_word_embeddings": True,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "dtype": dtype}
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
+  paths.write_json(os.path.join(out_dir, "config.json"), hf, indent=2)
   if tokenizer.kind == "gpt2":
     spec = json.loads(tokenizer.payload)
     _write_gpt2_files(out_dir, spec["vocab"], spec["merges"])
     eos = next(token for token, i in spec["vocab"].items() if i == tokenizer.eos_id)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.block_size, "bos_token": eos,
-                 "eos_token": eos, "unk_token": eos, "add_prefix_space": False}, f, indent=2)
+    paths.write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.block_size, "bos_token": eos, "eos_token": eos,
+        "unk_token": eos, "add_prefix_space": False}, indent=2)
   else:
     logging.warning("%s has a %s tokenizer, which transformers' GPT-2 cannot read: %s holds no tokenizer files; "
                     "encode text with gptjax's (gptjax.data.load_tokenizer of the run's tokenizer).", path,
@@ -347,4 +351,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Directory to write to.", required=True)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Parameter dtype written.")
   flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest readable one).")
-  app.run(main)
+  cli.run(main)

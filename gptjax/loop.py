@@ -1,9 +1,9 @@
 """The training loop: data, sharded state, jitted steps, metrics, validation, checkpoints, samples."""
 
 import dataclasses
-import json
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -12,11 +12,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, data, generate, metrics, plan, sharding, train
+from gptjax import checkpoint, config as config_lib, data, generate, metrics, paths, plan, sharding, train
 from gptjax.model import GPTConfig, count_params, flops_per_token
 
 
 ASSUMED_MFU = 0.4  # for the pre-training time estimate only; measured MFU is logged every log.every_steps
+LONG_RUN_SECONDS = 24 * 3600  # an estimate above this gets a warning with faster alternatives
 
 
 class StopFlag:
@@ -24,6 +25,7 @@ class StopFlag:
 
   def __init__(self):
     self.reason = None
+    self.busy_until = None  # time.perf_counter() when the steps already dispatched should be done (set by the loop)
     self._previous = {}
 
   def __enter__(self):
@@ -39,8 +41,8 @@ class StopFlag:
     if self.reason is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C means "now"
     self.reason = signal.Signals(signum).name
-    logging.warning("%s received: stopping after the current step, with a checkpoint (Ctrl-C again to abort "
-                    "without one).", self.reason)
+    seconds_left = None if self.busy_until is None else self.busy_until - time.perf_counter()
+    logging.warning("%s", stop_message(self.reason, seconds_left))
 
   def should_stop(self, at_sync_point: bool) -> bool:
     """Whether to stop now. With several processes, a stop one process asked for (its signal, its clock for
@@ -54,6 +56,28 @@ class StopFlag:
     if anyone and self.reason is None:
       self.reason = "another process's stop"
     return anyone
+
+
+def stop_message(reason: str, seconds_left: float | None) -> str:
+  """What a stop signal prints: the run stops once the steps already started end (in `seconds_left`), or aborts."""
+  known = seconds_left is not None and seconds_left >= 1
+  wait = f", which need about {metrics.format_duration(seconds_left)} more" if known else ""
+  return (f"{reason} received: stopping after the steps already started{wait}, then saving a checkpoint. "
+          "Ctrl-C again aborts at once, without a checkpoint.")
+
+
+def long_run_warning(step_seconds: float, steps: int, devices: str) -> str | None:
+  """A framed warning with faster alternatives when `steps` of `step_seconds` (estimated) exceed a day; else None."""
+  if step_seconds * steps <= LONG_RUN_SECONDS:
+    return None
+  rule = "=" * 100
+  return "\n".join([
+      rule, f"WARNING: this run would take about {metrics.format_duration(step_seconds * steps)} on {devices} "
+      f"({metrics.format_duration(step_seconds)} per step x {steps} steps, estimated). Instead:",
+      "  - see a model learn within minutes on this machine: --config=configs/quickstart.py",
+      "  - train this model on an accelerator (TPU or GPU): launch/README.md",
+      f"  - or run fewer steps: --config.train.steps=N (each takes about {metrics.format_duration(step_seconds)})",
+      rule])
 
 
 @dataclasses.dataclass
@@ -78,7 +102,7 @@ def run(config, workdir: str) -> RunInfo:
   start_time = time.time()
   n_devices = jax.device_count()
   config_lib.validate(config, n_devices)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   t = config.train
 
   mesh = sharding.make_mesh(config)
@@ -96,7 +120,8 @@ def run(config, workdir: str) -> RunInfo:
     config.data.update(tokenizer_path=init_tokenizer, tokenizer=data.load_tokenizer(init_tokenizer).kind)
   prepared = data.prepare(config, workdir)
   vocab = config_lib.check_vocab(config, prepared.tokenizer.vocab_size)
-  model_cfg = GPTConfig.from_config(config.model, vocab)
+  # 'auto' attention resolved once for this device: a fused kernel that does not compile falls back to 'xla'.
+  model_cfg = GPTConfig.from_config(config.model, vocab).for_device(mesh)
   seq = model_cfg.block_size
   tx = train.make_optimizer(config)
   graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
@@ -116,9 +141,10 @@ def run(config, workdir: str) -> RunInfo:
     log("resumed from %s/%d", mngr.directory, resumed_step)
   elif source is not None:
     if source.tokenizer.fingerprint != prepared.tokenizer.fingerprint:
-      raise ValueError(f"checkpoint.init_from={config.checkpoint.init_from!r} was trained with tokenizer "
-                       f"{source.tokenizer.fingerprint} but data.tokenizer_path gives {prepared.tokenizer.fingerprint}"
-                       "; leave data.tokenizer_path empty to use the source model's tokenizer.")
+      raise config_lib.ConfigError(
+          f"checkpoint.init_from={config.checkpoint.init_from!r} was trained with tokenizer "
+          f"{source.tokenizer.fingerprint} but data.tokenizer_path gives {prepared.tokenizer.fingerprint}; leave "
+          "data.tokenizer_path empty to use the source model's tokenizer.")
     graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx, params=source.params)
   else:
     graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
@@ -130,8 +156,9 @@ def run(config, workdir: str) -> RunInfo:
   peak_flops, peak_source = metrics.peak_flops_per_device()
   log("devices: %d x %s (%d processes) | mesh %s", n_devices, jax.devices()[0].device_kind,
       jax.process_count(), dict(mesh.shape))
-  log("model: %s parameters | vocab %d (tokenizer %d, %s) | context %d", metrics.format_count(n_params), vocab,
-      prepared.tokenizer.vocab_size, prepared.tokenizer.kind, seq)
+  log("model: %s parameters | vocab %d (tokenizer %d, %s) | context %d | attention %s",
+      metrics.format_count(n_params), vocab, prepared.tokenizer.vocab_size, prepared.tokenizer.kind, seq,
+      model_cfg.attention)
   log("data: %s train tokens, %s val tokens | %s tokens/step (batch %d x %d, %d micro-batches) | "
       "%s FLOPs/token | peak %s FLOP/s/device (%s)", metrics.format_count(prepared.train_tokens),
       metrics.format_count(prepared.val_tokens), metrics.format_count(tokens_per_step), t.batch_size, seq, accum,
@@ -142,6 +169,9 @@ def run(config, workdir: str) -> RunInfo:
   log("estimate before measuring: %s/step at %.0f%% MFU -> %s for %d steps; the bar shows measured rates",
       metrics.format_duration(estimate), 100 * ASSUMED_MFU, metrics.format_duration(estimate * (t.steps - first_step)),
       t.steps - first_step)
+  warning = long_run_warning(estimate, t.steps - first_step, f"{n_devices} x {jax.devices()[0].device_kind}")
+  if warning and jax.process_index() == 0:
+    print(warning, file=sys.stderr, flush=True)
 
   eval_data = data.eval_batches(prepared.val_path, seq, local_batch, t.eval_batches, jax.process_index(),
                                 jax.process_count())
@@ -179,6 +209,9 @@ def run(config, workdir: str) -> RunInfo:
         local = next(batches)
         local = local.reshape(accum, local.shape[0] // accum, local.shape[1])
         state, step_metrics = train_step(state, sharding.global_batch(local, batch_sharding, batch_dim=1))
+      # This step starts when the one before it ends; a stop signal says how long they still need.
+      step_seconds = finished[-1] - finished[-2] if len(finished) > 1 else estimate
+      stop.busy_until = max(stop.busy_until or 0.0, time.perf_counter()) + step_seconds
       step += 1
       profiler.after_step(step, (state, step_metrics))
       window_tokens += tokens_per_step
@@ -267,8 +300,7 @@ def log_summary(summary: dict, workdir: str) -> None:
   s = summary
   path = os.path.join(workdir, "summary.json")
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(s, f, indent=1)
+    paths.write_json(path, s)
   if s["median_step_seconds"] is None:
     speed = "median step n/a (fewer than 2 steps)"
   else:

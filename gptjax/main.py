@@ -3,8 +3,6 @@
 Thin entry point: parses flags and the config, then hands over to `gptjax.loop.run`.
 """
 
-from absl import app
-
 from gptjax import cli
 
 _CONFIG, _WORKDIR = cli.define_config_flags("Run directory (checkpoints, metrics, data cache)")
@@ -13,15 +11,16 @@ _CONFIG, _WORKDIR = cli.define_config_flags("Run directory (checkpoints, metrics
 def main(argv):
   del argv
   cli.quiet_libraries()
+  workdir = cli.workdir(_WORKDIR)
   cli.initialize_distributed()
   # Imported after flag parsing: importing JAX early would ignore --xla flags in the env.
   if "task" in _CONFIG.value:  # a fine-tuning config (gptjax/finetune/tasks.py)
     from gptjax.finetune import run
-    run.run(_CONFIG.value, cli.workdir(_WORKDIR))
+    run.run(_CONFIG.value, workdir)
   else:
     from gptjax import loop
-    loop.run(_CONFIG.value, cli.workdir(_WORKDIR))
+    loop.run(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,12 +2,16 @@
 
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from gptjax import paths
 
 # Dense bf16 peak FLOP/s per chip by device kind (vendor figures, no sparsity).
 _PEAK_FLOPS = {
@@ -46,24 +50,25 @@ class MetricsWriter:
     self._tb = self._wandb = self._file = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    paths.makedirs(workdir)
+    self._file = paths.open_append(os.path.join(workdir, "metrics.jsonl"))
     if tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer(os.path.join(workdir, "tensorboard"))
     if wandb:
       try:
         import wandb as wandb_lib
       except ImportError:
         logging.warning("log.wandb=True but wandb is not installed (pip install wandb); skipping W&B.")
       else:
-        self._wandb = wandb_lib.init(project=config.log.wandb_project, config=config.to_dict(), dir=workdir)
+        # wandb stages its files in a local folder before it syncs them.
+        self._wandb = wandb_lib.init(project=config.log.wandb_project, config=config.to_dict(),
+                                     dir=paths.cache_dir() if paths.is_remote(workdir) else workdir)
 
   def write(self, step: int, **scalars) -> None:
     if not self.active:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(row) + "\n")
+    self._file.write((json.dumps(row) + "\n").encode())
     self._file.flush()
     for key, value in row.items():
       if key != "step" and self._tb is not None:
@@ -78,6 +83,25 @@ class MetricsWriter:
       self._tb.close()
     if self._wandb:
       self._wandb.finish()
+
+
+def _summary_writer(directory: str):
+  """A tensorboardX SummaryWriter into `directory`; URLs are written through gptjax.paths (as every file is)."""
+  from tensorboardX import SummaryWriter, record_writer  # pylint: disable=import-outside-toplevel
+  if paths.is_remote(directory):
+    # tensorboardX's own gs:// writer needs google-cloud-storage and credentials of its own: use ours instead.
+    record_writer.register_writer_factory(directory.split(":", 1)[0], _EventsFiles())
+  return SummaryWriter(directory)
+
+
+class _EventsFiles:
+  """tensorboardX's writer factory for URLs: an events file is an object uploaded whole (paths.open_append)."""
+
+  def open(self, path: str):
+    return paths.open_append(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no directories to create
 
 
 def format_count(n: float) -> str:
@@ -130,12 +154,16 @@ class StepProfiler:
     self.steps = steps if jax.process_index() == 0 else None
     self.directory = directory
     self.tracing = False
+    self._trace_dir = directory
 
   def before_step(self, step: int, pending) -> None:
     """Called before step `step` is dispatched; `pending` holds the outputs of the steps before it."""
     if self.steps and not self.tracing and self.steps[0] <= step <= self.steps[1]:
       jax.block_until_ready(pending)
-      jax.profiler.start_trace(self.directory)
+      # JAX writes traces through its own file system layer: a remote directory gets them once the trace ends.
+      remote = paths.is_remote(self.directory)
+      self._trace_dir = tempfile.mkdtemp(prefix="gptjax-profile-") if remote else self.directory
+      jax.profiler.start_trace(self._trace_dir)
       self.tracing = True
 
   def after_step(self, step: int, outputs) -> None:
@@ -148,6 +176,9 @@ class StepProfiler:
     if self.tracing:
       jax.block_until_ready(outputs)
       jax.profiler.stop_trace()
+      if self._trace_dir != self.directory:
+        paths.upload_dir(self._trace_dir, self.directory)
+        shutil.rmtree(self._trace_dir)
       self.tracing = False
       logging.info("profile of steps %d..%d written to %s", *self.steps, self.directory)
 

@@ -34,15 +34,24 @@ class GPTConfig:
   attention: str = "xla"
   scan_layers: bool = True
   remat: str = "none"
+  # The platform the model is lowered for ('tpu', 'cuda', 'cpu'; '' = this process's): picks 'auto' attention's
+  # kernel and whether splash runs as a Mosaic kernel or interpreted. Not a config field: `gptjax.plan` sets it.
+  platform: str = ""
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "platform"}
     return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields})
 
   @property
   def head_dim(self) -> int:
     return self.n_embd // self.n_head
+
+  def for_device(self, mesh=None, lengths=()) -> "GPTConfig":
+    """This config with `attention` resolved once for this device and sequences of `lengths` (default
+    block_size): a fused kernel 'auto' picked that does not compile there falls back to 'xla' (attention.choose)."""
+    return dataclasses.replace(self, attention=attention.choose(self.attention, self.dtype, self.n_head,
+                                                                self.head_dim, lengths or (self.block_size,), mesh))
 
 
 def _normal(std):
@@ -95,7 +104,7 @@ class Attention(nnx.Module):
     out_kernel_NHD = self.out_kernel[...].astype(dtype)
     cache = None
     if write is None:
-      y_BTNH = attention.causal_attention(q_BTNH, k_BTNH, v_BTNH, self.cfg.attention)
+      y_BTNH = attention.causal_attention(q_BTNH, k_BTNH, v_BTNH, self.cfg.attention, self.cfg.platform)
       y_BTD = jnp.einsum("btnh,nhd->btd", y_BTNH, out_kernel_NHD)
     else:
       # Written before it is read: XLA then updates the cache in place (read-then-write costs a copy per token).

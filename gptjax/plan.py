@@ -8,8 +8,14 @@
 
 When the step exceeds --hbm_gib it is compiled again with remat and bfloat16 activations (`variants`), and the
 state per device is worked out for every FSDP degree (`suggest`).
+
+With --platform it checks instead that the train step lowers for a TPU or an NVIDIA GPU (`check_lowering`, via
+`jax.export`), with the attention kernel `model.attention` picks there, and reports the kernel as lowered:
+
+  python -m gptjax.plan --config=configs/gpt2_xl.py --devices=8 --mesh=1,8,1 --platform=tpu
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from gptjax import config as config_lib, sharding, train
+from gptjax import attention, config as config_lib, sharding, train
 
 HEADROOM = 0.85  # of device memory: XLA's estimate excludes allocator fragmentation and the input pipeline
 
@@ -31,14 +37,19 @@ def device_memory_bytes() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
 
 
+def abstract_batch(config, mesh, micro: int = 0) -> jax.ShapeDtypeStruct:
+  """The train step's batch [accum, micro * dp, T+1] of tokens, placed as the loop places it (micro-batch: the
+  config's by default, 0 = no accumulation)."""
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = micro or config.train.micro_batch_size or config.train.batch_size // dp
+  return jax.ShapeDtypeStruct((config.train.batch_size // (micro * dp), micro * dp, config.model.block_size + 1),
+                              np.int32, sharding=sharding.batch_sharding(mesh, 3, 1))
+
+
 def step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, micro: int) -> int:
   """Per-device bytes of one compiled train step with this micro-batch (temporaries + arguments)."""
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  accum = config.train.batch_size // (micro * dp)
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-  batch = jax.ShapeDtypeStruct((accum, micro * dp, config.model.block_size + 1), np.int32,
-                               sharding=sharding.batch_sharding(mesh, 3, 1))
-  analysis = step.lower(abstract_state, batch).compile().memory_analysis()
+  analysis = step.lower(abstract_state, abstract_batch(config, mesh, micro)).compile().memory_analysis()
   return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes)
 
 
@@ -81,17 +92,15 @@ def analyze(config, devices) -> dict:
   model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
   tx = train.make_optimizer(config)
   graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
-  micro = config.train.micro_batch_size or config.train.batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch = abstract_batch(config, mesh)
+  accum, micro = batch.shape[0], batch.shape[1] // (mesh.shape["data"] * mesh.shape["fsdp"])
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-  batch = jax.ShapeDtypeStruct((config.train.batch_size // (micro * dp), micro * dp, model_cfg.block_size + 1),
-                               np.int32, sharding=sharding.batch_sharding(mesh, 3, 1))
   compiled = step.lower(abstract, batch).compile()
   memory = compiled.memory_analysis()
   hlo = compiled.as_text()
   n_params = count_params(abstract["params"], exclude_position=True)
   return dict(
-      mesh=dict(mesh.shape), micro_batch=micro, accumulation=config.train.batch_size // (micro * dp),
+      mesh=dict(mesh.shape), micro_batch=micro, accumulation=accum,
       params_bytes=_per_device_bytes(abstract["params"], shardings["params"]),
       optimizer_bytes=_per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
       temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(memory.temp_size_in_bytes +
@@ -99,6 +108,50 @@ def analyze(config, devices) -> dict:
       model_flops_per_step=flops_per_token(model_cfg, n_params, model_cfg.block_size) * config.train.batch_size *
       model_cfg.block_size,
       collectives={op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in COLLECTIVES})
+
+
+def lower(step, platform: str, *args) -> jax.export.Exported:
+  """A jitted `step` lowered for `platform` ('tpu', 'cuda', 'cpu') on this machine, for abstract `args`."""
+  return jax.export.export(step, platforms=[platform])(*args)
+
+
+def attention_as_lowered(exported: jax.export.Exported) -> str:
+  """Which attention kernel a lowered program holds, read from its custom calls."""
+  text = exported.mlir_module()
+  if "tpu_custom_call" in text:
+    return "pallas splash (Mosaic tpu_custom_call)"
+  if "__cudnn$fmha" in text:
+    return "cudnn (cuDNN fused-attention custom call)"
+  return "XLA ops (no fused-attention custom call)"
+
+
+def check_lowering(config, devices, platform: str) -> dict:
+  """The train step lowered for `platform` with the attention kernel `model.attention` picks there.
+
+  Returns {'platform', 'mesh', 'attention' (config -> kernel), 'ok', and 'lowered' (the kernel as lowered) or
+  'error'}; 'note' when the kernel cannot be lowered on this machine and its fallback was lowered instead.
+  """
+  from gptjax.model import GPTConfig
+  mesh = sharding.make_mesh(config, devices)
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
+  report = dict(platform=platform, mesh=dict(mesh.shape), attention=model_cfg.attention)
+  try:
+    kernel = attention.resolve(model_cfg.attention, model_cfg.dtype, platform)
+    if kernel == "cudnn" and attention.device_platform() != "gpu":
+      # jax reads the installed cuDNN's version while tracing: no cuDNN kernel without a GPU.
+      report["note"] = ("cudnn lowers only on a machine with cuDNN (a GPU); lowered 'xla' instead, the kernel "
+                        "'auto' falls back to when cuDNN does not compile on the device")
+      kernel = "xla"
+    report["attention"] += f" -> {kernel}"
+    model_cfg = dataclasses.replace(model_cfg, attention=kernel, platform=platform)
+    tx = train.make_optimizer(config)
+    graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    exported = lower(train.make_train_step(graphdef, tx, config, shardings, mesh), platform, placed,
+                     abstract_batch(config, mesh))
+  except Exception as e:  # the point is to report whatever the lowering raises
+    return dict(report, ok=False, error=f"{type(e).__name__}: {e}")
+  return dict(report, ok=True, lowered=attention_as_lowered(exported))
 
 
 def _max_micro_batch(plan: dict, hbm_bytes: int, state_bytes: float | None = None) -> int:
@@ -173,6 +226,14 @@ def _main(argv):
   if config.train.micro_batch_size == -1:
     config.train.micro_batch_size = f.micro_batch
   config_lib.validate(config, f.devices)
+  if f.platform:
+    report = check_lowering(config, jax.devices()[:f.devices], f.platform)
+    print(f"train step for {f.platform} on mesh {report['mesh']}, model.attention: {report['attention']}: " +
+          (f"lowered; attention as lowered: {report['lowered']}" if report["ok"] else f"FAILED: {report['error']}"))
+    if "note" in report:
+      print(f"note: {report['note']}")
+    print(json.dumps(report))
+    raise SystemExit(0 if report["ok"] else 1)
   plan = analyze(config, jax.devices()[:f.devices])
   hbm = int(f.hbm_gib * 2**30)
   gib = lambda b: f"{b / 2**30:.2f} GiB"
@@ -207,14 +268,17 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+  from gptjax import cli
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt2_xl.py.")
   flags.DEFINE_integer("devices", 8, "Devices to plan for (fake CPU devices stand in for them).")
   flags.DEFINE_string("mesh", "", "data,fsdp,tensor degrees (default: the config's).")
   flags.DEFINE_integer("micro_batch", 1, "Micro-batch per data-parallel shard when the config says -1 (auto).")
   flags.DEFINE_float("hbm_gib", 16.0, "Memory of one device in GiB (TPU v5e: 16, v5p: 95, H100: 80).")
+  flags.DEFINE_enum("platform", None, ["tpu", "cuda", "cpu"], "Instead of the memory plan: lower the train step "
+                    "for this platform (jax.export, no device needed) and report the attention kernel as lowered.")
   flags.DEFINE_bool("variants", True, "When the plan exceeds hbm_gib, also compile it with bfloat16 activations "
                     "and remat (one compile each) and report their measured memory.")
   flags.mark_flag_as_required("config")
-  app.run(_main)
+  cli.run(_main)

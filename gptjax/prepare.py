@@ -6,8 +6,6 @@ config and workdir finds them (<workdir>/data, or data.cache_dir). Re-running sk
 interrupted run after its last finished shard.
 """
 
-from absl import app
-
 from gptjax import cli
 
 _CONFIG, _WORKDIR = cli.define_config_flags("Run directory whose data/ receives the tokenizer and token shards")
@@ -26,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

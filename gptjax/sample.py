@@ -12,8 +12,10 @@ the sliding window past the context) are in docs/generate.md.
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
+
+from gptjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (latest checkpoint) or exported model.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable one).")
@@ -34,10 +36,10 @@ SEPARATOR = "\n" + "-" * 15 + "\n"
 
 def main(argv):
   del argv
-  from gptjax import checkpoint, cli, generate
+  from gptjax import checkpoint, generate, paths
   cli.quiet_libraries()
   if _PROMPT_FILE.value:
-    with open(_PROMPT_FILE.value, encoding="utf-8") as f:
+    with paths.open_text(_PROMPT_FILE.value) as f:
       prompts = [line.rstrip("\n") for line in f if line.strip()]
   else:
     prompts = [_PROMPT.value]
@@ -68,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

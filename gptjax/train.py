@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gptjax import losses, sharding
+from gptjax.config import ConfigError
 from gptjax.model import GPT, GPTConfig
 
 TrainState = dict  # {'step', 'skipped' (non-finite updates skipped): int32; 'params': pure dict; 'opt_state'}
@@ -94,9 +95,9 @@ def _check_shapes(params, abstract_params) -> None:
     have = got.get(path)
     if have is None or have.shape != want.shape:
       name = jax.tree_util.keystr(path)
-      raise ValueError(f"initial parameters do not fit this model: {name} has shape "
-                       f"{None if have is None else have.shape}, the config's model needs {want.shape}; use the "
-                       "same model settings as the checkpoint (checkpoint.init_from).")
+      raise ConfigError(f"initial parameters do not fit this model: {name} has shape "
+                        f"{None if have is None else have.shape}, the config's model needs {want.shape}; use the "
+                        "same model settings as the checkpoint (checkpoint.init_from).")
 
 
 def optimizer_shardings(tx, abstract_params, param_shardings, mesh: Mesh):

@@ -12,9 +12,9 @@ import pytest
 
 from gptjax import config as config_lib
 from gptjax import data
+from gptjax import paths
 from gptjax.data import pipeline
 from gptjax.data import tokenizer as tokenizer_lib
-from gptjax.data import tokens as tokens_lib
 
 # The package exports the function `prepare`, which hides the module of the same name.
 prepare_lib = importlib.import_module("gptjax.data.prepare")
@@ -298,7 +298,7 @@ def write_token_set(path, tokens):
   tokens.tofile(path[:-5] + ".bin")
   shard = {"path": os.path.basename(path[:-5]) + ".bin", "offset": 0, "tokens": len(tokens), "dtype": "uint16",
            "bytes": tokens.nbytes}
-  tokens_lib.write_json(path, {"tokens": len(tokens), "shards": [shard]})
+  paths.write_json(path, {"tokens": len(tokens), "shards": [shard]})
   return path
 
 
@@ -364,7 +364,7 @@ def test_mixture_batches_follow_the_weights_and_resume(tmp_path, num_workers):
   write_token_set(str(tmp_path / "a.json"), np.arange(3000))  # windows of a start below 3000...
   write_token_set(str(tmp_path / "b.json"), np.arange(20_000, 21_000))  # ...those of b at 20000 and above
   mixture = str(tmp_path / "mix.json")
-  tokens_lib.write_json(mixture, {"mixture": [{"path": "a.json", "weight": 0.2}, {"path": "b.json", "weight": 0.8}]})
+  paths.write_json(mixture, {"mixture": [{"path": "a.json", "weight": 0.2}, {"path": "b.json", "weight": 0.8}]})
   expected = np.concatenate(_take(data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1), 40))
   assert (expected[:, 0] >= 20_000).sum() == 0.8 * len(expected)
   assert len(np.unique(expected[:, 0])) > 190  # b's 61 windows repeat, each epoch with a new shift

@@ -1,7 +1,10 @@
-"""`python -m gptjax.main` end to end in a subprocess: metrics, checkpoint, samples, clean stop on SIGINT."""
+"""`python -m gptjax.main` end to end in a subprocess: metrics, checkpoint, samples, clean stop on SIGINT; what a
+stop signal and an overlong run print."""
 
 import json
+import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -9,7 +12,9 @@ import time
 
 import pytest
 
+from gptjax import loop, metrics
 from tests.conftest import TEST_DEVICES
+from tests.helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.n_embd=32",
@@ -65,3 +70,31 @@ def test_sigint_stops_cleanly_with_a_checkpoint(tmp_path, corpus):
   assert "stopped by SIGINT" in stdout
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
+
+
+def test_a_stop_signal_says_how_long_the_started_steps_need_and_how_to_abort(caplog):
+  assert "need about" not in loop.stop_message("SIGTERM", None)  # before the loop has dispatched a step
+  assert "need about" not in loop.stop_message("SIGTERM", 0.2)  # short steps: no figure
+  with loop.StopFlag() as stop:
+    stop.busy_until = time.perf_counter() + 7200  # the loop's guess: two hours of steps still running
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.reason == "SIGINT"
+    message = caplog.records[-1].getMessage()
+    assert re.search(r"stopping after the steps already started, which need about (1h59m|2h00m) more, then saving "
+                     r"a checkpoint\. Ctrl-C again aborts at once, without a checkpoint\.", message), message
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_estimate_over_a_day_prints_one_warning_with_the_alternatives(tmp_path, corpus, capsys, monkeypatch):
+  assert loop.long_run_warning(step_seconds=0.5, steps=1000, devices="1 x cpu") is None
+  # The peak FLOP/s of a slow machine: two tiny steps are estimated at days.
+  monkeypatch.setattr(metrics, "peak_flops_per_device", lambda: (1.0, "test"))
+  config = tiny_config(steps=2, mesh=(-1, 1, 1), eval_every=0, eval_batches=1)
+  config.data.update(path=str(corpus), vocab_size=300)
+  config.log.update(samples=0, tensorboard=False)
+  loop.run(config, str(tmp_path))
+  err = capsys.readouterr().err
+  assert err.count("WARNING: this run would take about") == 1, err
+  for alternative in ("--config=configs/quickstart.py", "accelerator", "--config.train.steps=N"):
+    assert alternative in err

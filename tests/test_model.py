@@ -27,16 +27,20 @@ def test_attention_kernels_equal_the_reference(implementation, T):
                              atol=2e-5)
 
 
-def test_auto_attention_per_backend_and_pallas_off_tpu_fails_clearly(monkeypatch):
-  for backend, dtype, expected in [("tpu", jnp.float32, "pallas"), ("gpu", jnp.bfloat16, "cudnn"),
-                                   ("gpu", jnp.float32, "causal_blocks"), ("cpu", jnp.bfloat16, "causal_blocks")]:
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+def test_auto_attention_per_platform_and_pallas_off_tpu_fails_clearly(monkeypatch):
+  for platform, dtype, expected in [("tpu", jnp.float32, "pallas"), ("gpu", jnp.bfloat16, "cudnn"),
+                                    ("cuda", jnp.float16, "cudnn"), ("gpu", jnp.float32, "causal_blocks"),
+                                    ("cpu", jnp.bfloat16, "causal_blocks")]:
+    assert attention.resolve("auto", dtype, platform) == expected
+    # Without a platform: the one this process computes on.
+    monkeypatch.setattr(attention, "device_platform", lambda: platform)
     assert attention.resolve("auto", dtype) == expected
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  with pytest.raises(config_lib.ConfigError, match="model.attention='pallas' is a TPU kernel .* set model.attention"):
-    attention.resolve("pallas", jnp.bfloat16)
+  with pytest.raises(config_lib.ConfigError, match="model.attention='pallas' is a TPU kernel and the platform is "
+                     "'cuda': set model.attention"):
+    attention.resolve("pallas", jnp.bfloat16, "cuda")
 
 
+@pytest.mark.devices(8)
 def test_pallas_attention_on_a_mesh_equals_the_default():
   """Under a (data, fsdp, tensor) mesh the kernel runs per device in shard_map over batch rows and heads."""
   tokens = random_tokens((1, 8, 17))

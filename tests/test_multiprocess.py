@@ -83,3 +83,17 @@ def test_a_stop_asked_on_one_process_stops_all_at_a_sync_point(monkeypatch):
   assert not flag.should_stop(at_sync_point=False) and calls == []  # no collective between sync points
   assert flag.should_stop(at_sync_point=True) and calls == [0]
   assert flag.reason == "another process's stop"
+
+
+def test_an_error_on_process_0_ends_the_job_at_once(tmp_path):
+  # Process 0 prepares the data and finds none, while process 1 waits for it at a collective it will never finish.
+  port = _free_port()
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "gptjax.main", *FLAGS, f"--workdir={tmp_path}", f"--config.data.path={tmp_path}/none",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=_env(4),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  # Well within jax.distributed's 5-minute shutdown barrier, which an ordinary exit would wait at.
+  errors = [p.communicate(timeout=120)[1] for p in processes]
+  assert processes[0].returncode == 2, errors[0][-3000:]
+  assert errors[0].splitlines()[-1].startswith(f"error: data.path='{tmp_path}/none' does not exist"), errors[0][-3000:]
+  assert processes[1].returncode != 0  # ended by JAX's runtime: "another task died; see the other task logs"

@@ -1,4 +1,10 @@
-"""The planner: micro-batch fitting, per-device memory against placed arrays, suggestions, measured variants."""
+"""The planner: micro-batch fitting, per-device memory against placed arrays, suggestions, measured variants, and
+the lowering check for a TPU or a GPU (`--platform`)."""
+
+import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +14,7 @@ from gptjax.model import GPTConfig
 from tests.helpers import build, tiny_config
 
 
+@pytest.mark.devices(8)
 def test_fit_micro_batch_follows_compiled_memory(monkeypatch):
   config = tiny_config(batch_size=32, micro_batch_size=-1, mesh=(2, 1, 1), block_size=64)
   mesh = sharding.make_mesh(config, sharding.jax.devices()[:2])
@@ -32,6 +39,7 @@ def _planned(**kwargs):
   return config, plan.analyze(config, sharding.jax.devices()[:8])
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("fsdp", [1, 2, 4, 8])
 def test_planned_parameter_memory_falls_with_fsdp_and_matches_placed_arrays(fsdp):
   config, plan_ = _planned(batch_size=8, mesh=(8 // fsdp, fsdp, 1))
@@ -44,6 +52,7 @@ def test_planned_parameter_memory_falls_with_fsdp_and_matches_placed_arrays(fsdp
   assert plan_["params_bytes"] == placed
 
 
+@pytest.mark.devices(8)
 def test_fsdp_keeps_activations_split_over_the_batch():
   """Without the batch constraint GSPMD replicated the batch under FSDP (8x the temporaries)."""
   _, base = _planned(batch_size=16, mesh=(8, 1, 1), block_size=64)
@@ -51,6 +60,7 @@ def test_fsdp_keeps_activations_split_over_the_batch():
   assert fsdp["temp_bytes"] < 2 * base["temp_bytes"]
 
 
+@pytest.mark.devices(8)
 def test_variants_are_compiled_only_when_the_plan_does_not_fit():
   config = tiny_config(batch_size=8, mesh=(1, 2, 1), block_size=64)
   config.data.vocab_size = 128
@@ -69,6 +79,7 @@ def test_variants_are_compiled_only_when_the_plan_does_not_fit():
   assert rows["float32", "full"]["fits"] and rows["float32", "full"]["max_micro_batch"] >= base["micro_batch"]
 
 
+@pytest.mark.devices(8)
 def test_suggested_state_follows_the_rules_including_indivisible_degrees():
   config, base = _planned(batch_size=8, mesh=(8, 1, 1), n_embd=48, n_head=8)
   rows = {r["fsdp"]: r for r in plan.suggest(config, base, n_devices=64, hbm_bytes=10**12)}
@@ -80,3 +91,33 @@ def test_suggested_state_follows_the_rules_including_indivisible_degrees():
     assert rows[1]["state_gib"] / fsdp <= rows[fsdp]["state_gib"] <= 1.2 * rows[1]["state_gib"] / fsdp
   assert rows[32]["replicated"] and rows[64]["replicated"] and rows[32]["state_gib"] > rows[16]["state_gib"]
   assert rows[16]["max_micro_batch"] >= rows[1]["max_micro_batch"] > 0
+
+
+def _plan_cli(*args):
+  return subprocess.run([sys.executable, "-m", "gptjax.plan", *args], cwd=pathlib.Path(__file__).parents[1],
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_lowers_the_train_step_for_a_tpu_and_reports_the_kernel():
+  result = _plan_cli("--config=configs/quickstart.py", "--mesh=2,2,2", "--platform=tpu",
+                     "--config.model.dtype=bfloat16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert ("train step for tpu on mesh {'data': 2, 'fsdp': 2, 'tensor': 2}, model.attention: auto -> pallas: "
+          "lowered; attention as lowered: pallas splash (Mosaic tpu_custom_call)") in result.stdout
+  assert json.loads(result.stdout.splitlines()[-1])["ok"]
+
+
+def test_cli_reports_a_step_that_does_not_lower_and_fails():
+  result = _plan_cli("--config=configs/quickstart.py", "--mesh=1,8,1", "--platform=cuda",
+                     "--config.model.attention=pallas")
+  assert result.returncode == 1
+  assert "FAILED: ConfigError: model.attention='pallas' is a TPU kernel and the platform is 'cuda'" in result.stdout
+
+
+def test_cuda_check_names_the_kernel_it_could_not_lower_here():
+  config = tiny_config(batch_size=8, mesh=(8, 1, 1))
+  config.model.dtype = "bfloat16"
+  report = plan.check_lowering(config, sharding.jax.devices()[:8], "cuda")
+  assert report["ok"] and report["attention"] == "auto -> xla", report
+  assert report["note"].startswith("cudnn lowers only on a machine with cuDNN")
+  assert report["lowered"] == "XLA ops (no fused-attention custom call)"

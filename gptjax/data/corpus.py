@@ -15,6 +15,9 @@ from typing import Iterator
 
 from absl import logging
 
+from gptjax import paths
+from gptjax.errors import UserError
+
 # How data.path is read ('auto' = by each file's suffix); Hugging Face datasets are named by the 'hf:' prefix.
 FORMATS = ("auto", "text", "jsonl", "parquet", "nanogpt", "llmc")
 # Formats that hold token ids already: read as they are, never re-tokenised.
@@ -34,18 +37,18 @@ _SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "turtledemo", "si
 _HASH_BLOCK = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Missing, empty or unusable data; the message names the path or value and the fix."""
 
 
 def _stdlib_files() -> list[str]:
   """The stdlib modules whose docstrings make the built-in corpus."""
   root = sysconfig.get_paths()["stdlib"]
-  paths = []
-  for folder, subdirs, names in os.walk(root):
+  files = []
+  for folder, subdirs, names in os.walk(root):  # this Python's own files: always local
     subdirs[:] = [d for d in subdirs if d not in _SKIP_DIRS]
-    paths += [os.path.join(folder, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
-  return sorted(paths)
+    files += [os.path.join(folder, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
+  return sorted(files)
 
 
 def builtin_documents() -> list[str]:
@@ -110,8 +113,7 @@ def _text_field(record, field: str, where: str) -> str:
 def _text_documents(path: str, field: str) -> Iterator[tuple[str, int]]:
   """The file as one document."""
   del field
-  with open(path, "rb") as f:
-    raw = f.read()
+  raw = paths.path(path).read_bytes()
   counts = {}
   text = _decode(raw, path, counts)
   _warn_replaced(counts)
@@ -121,7 +123,7 @@ def _text_documents(path: str, field: str) -> Iterator[tuple[str, int]]:
 def _jsonl_documents(path: str, field: str) -> Iterator[tuple[str, int]]:
   """One document per line: the `field` of each JSON object (blank lines are skipped)."""
   counts = {}
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for line_no, raw in enumerate(f, 1):
       if not raw.strip():
         yield "", len(raw)
@@ -146,18 +148,19 @@ def _import_parquet(path: str):
 
 def _parquet_documents(path: str, field: str) -> Iterator[tuple[str, int]]:
   """One document per row: the `field` column, read in batches (the file's bytes are shared out over rows)."""
-  parquet = _import_parquet(path).ParquetFile(path)
-  if field not in parquet.schema_arrow.names:
-    raise DataError(f"{path} has no column {field!r} (it has {parquet.schema_arrow.names}); set data.text_field "
-                    "to the column that holds the text.")
-  rows, size, row = parquet.metadata.num_rows, os.path.getsize(path), 0
-  for batch in parquet.iter_batches(columns=[field], batch_size=1024):
-    for text in batch.column(0).to_pylist():
-      if not isinstance(text, str):
-        raise DataError(f"{path}: row {row} of column {field!r} is {type(text).__name__}, not text; drop or fix "
-                        "the row, or set data.text_field to a text column.")
-      row += 1
-      yield text, size * row // rows - size * (row - 1) // rows
+  with paths.path(path).open("rb") as f:
+    parquet = _import_parquet(path).ParquetFile(f)
+    if field not in parquet.schema_arrow.names:
+      raise DataError(f"{path} has no column {field!r} (it has {parquet.schema_arrow.names}); set data.text_field "
+                      "to the column that holds the text.")
+    rows, size, row = parquet.metadata.num_rows, paths.size(path), 0
+    for batch in parquet.iter_batches(columns=[field], batch_size=1024):
+      for text in batch.column(0).to_pylist():
+        if not isinstance(text, str):
+          raise DataError(f"{path}: row {row} of column {field!r} is {type(text).__name__}, not text; drop or fix "
+                          "the row, or set data.text_field to a text column.")
+        row += 1
+        yield text, size * row // rows - size * (row - 1) // rows
 
 
 def parse_hf(spec: str) -> tuple[str, str | None, str]:
@@ -213,7 +216,7 @@ class Corpus:
   @property
   def size_bytes(self) -> int:
     """Bytes of all files (0 if unknown: a dataset streamed from the Hub, or the built-in corpus)."""
-    return sum(os.path.getsize(f) for f, fmt in self.files if fmt not in ("hf", "builtin"))
+    return sum(paths.size(f) for f, fmt in self.files if fmt not in ("hf", "builtin"))
 
   def documents(self) -> Iterator[tuple[str, int]]:
     """(text, bytes of the source it stands for) of every non-empty document, in a fixed order."""
@@ -245,8 +248,7 @@ class Corpus:
         h.update(file.encode())
         docs = None
       elif fmt in TOKEN_FORMATS:  # read in place, never hashed whole: path, size and time tell a change
-        stat = os.stat(file)
-        h.update(repr((os.path.abspath(file), stat.st_size, stat.st_mtime_ns)).encode())
+        h.update(repr(paths.stamp(file)).encode())
         docs = None
       elif fmt == "builtin":  # cheaper than parsing the stdlib: it changes only with the Python installation
         h.update(sys.version.encode())
@@ -255,7 +257,7 @@ class Corpus:
           h.update(repr((path, stat.st_size, stat.st_mtime_ns)).encode())
         docs = None
       else:
-        with open(file, "rb") as f:
+        with paths.path(file).open("rb") as f:
           if fmt == "jsonl":
             for line in f:
               h.update(line)
@@ -264,10 +266,10 @@ class Corpus:
             while block := f.read(_HASH_BLOCK):
               h.update(block)
             if fmt == "parquet":
-              docs += _import_parquet(file).ParquetFile(file).metadata.num_rows
+              docs += _import_parquet(file).ParquetFile(f).metadata.num_rows
             else:
               docs += f.tell() > 0
-        h.update(os.path.getsize(file).to_bytes(8, "little"))
+        h.update(paths.size(file).to_bytes(8, "little"))
     if docs is not None and self.max_documents:
       docs = min(docs, self.max_documents)
     return h.hexdigest(), docs
@@ -289,7 +291,7 @@ def _file_format(path: str, fmt: str) -> str:
     return fmt
   suffix = os.path.splitext(path)[1].lower()
   if suffix == ".bin":
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
       return "llmc" if int.from_bytes(f.read(4), "little") == LLMC_MAGIC else "nanogpt"
   return next((name for name, suffixes in SUFFIXES.items() if suffix in suffixes), "text")
 
@@ -303,16 +305,15 @@ def open_corpus(path: str, fmt: str = "auto", text_field: str = "text", max_docu
       raise DataError(f"data.format={fmt!r} does not apply to data.path={path!r}; set data.format='auto'.")
     return Corpus(path, ((path, "hf" if path else "builtin"),), text_field, max_documents)
   suffixes = tuple(s for name, ss in SUFFIXES.items() if fmt in ("auto", name) for s in ss)
-  if os.path.isfile(path):
+  if paths.is_file(path):
     files = [path]
-  elif os.path.isdir(path):
-    files = sorted(p for p in glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)
-                   if p.lower().endswith(suffixes) and os.path.isfile(p))
+  elif paths.is_dir(path):
+    files = [p for p in paths.files_under(path) if p.lower().endswith(suffixes)]
     if not files:
       raise DataError(f"data.path={path!r} is a directory without {'/'.join('*' + s for s in suffixes)} files; "
                       "put the data there, point data.path at a file or glob, or set data.format.")
   elif glob.has_magic(path):
-    files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    files = paths.glob_files(path)
     if not files:
       raise DataError(f"data.path={path!r} matches no files; check the pattern (use '**' to search subfolders).")
   else:
@@ -325,7 +326,7 @@ def open_corpus(path: str, fmt: str = "auto", text_field: str = "text", max_docu
     text_file = next(f for f, fm in typed if fm not in TOKEN_FORMATS)
     raise DataError(f"data.path={path!r} mixes token files ({token_file}) with documents ({text_file}); give "
                     "them separate paths (a data.mixture can combine them) or set data.format.")
-  if all(os.path.getsize(f) == 0 for f in files):
+  if all(paths.size(f) == 0 for f in files):
     which = f"{files[0]} is" if len(files) == 1 else f"all {len(files)} files ({files[0]}, ...) are"
     raise DataError(f"data.path={path!r}: {which} empty; add data, or point data.path elsewhere.")
   return Corpus(path, typed, text_field, max_documents)

@@ -17,6 +17,7 @@ from absl import flags, logging
 import grain
 import numpy as np
 
+from gptjax import paths
 from gptjax.data.corpus import DataError
 from gptjax.data.tokens import open_tokens, read_manifest
 
@@ -51,7 +52,7 @@ def _windows(path: str, seq_len: int, seed: int | None) -> tuple[grain.MapDatase
   """(endless dataset of windows, windows per epoch) of a token set or mixture; shuffled unless seed is None."""
   manifest = read_manifest(path)
   if "mixture" in manifest:
-    parts = [_windows(os.path.join(os.path.dirname(path), part["path"]), seq_len, None if seed is None else seed + i)
+    parts = [_windows(paths.join(os.path.dirname(path), part["path"]), seq_len, None if seed is None else seed + i)
              for i, part in enumerate(manifest["mixture"])]
     weights = [part["weight"] for part in manifest["mixture"]]
     return grain.MapDataset.mix([ds for ds, _ in parts], weights), sum(n for _, n in parts)

@@ -8,12 +8,12 @@ the last finished shard. Manifests (`train.json`, `val.json`) are written last: 
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import fractions
 import glob
 import hashlib
 import itertools
-import json
 import math
 import multiprocessing
 import os
@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import config as config_lib
+from gptjax import config as config_lib, paths
 from gptjax.data import tokens as tokens_lib
 from gptjax.data.corpus import DataError, Corpus, open_corpus
 from gptjax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -120,7 +120,7 @@ def _entries(corpus: Corpus) -> list[tuple[Corpus, str]]:
   whose names say 'val' (nanoGPT's val.bin, llm.c's *_val_*.bin): those are the validation set."""
   val = tuple(f for f in corpus.files if "val" in os.path.basename(f[0]))
   train = tuple(f for f in corpus.files if f not in val)
-  if corpus.is_tokens and os.path.isdir(corpus.path) and val and train:
+  if corpus.is_tokens and paths.is_dir(corpus.path) and val and train:
     return [(dataclasses.replace(corpus, files=train), "train"), (dataclasses.replace(corpus, files=val), "val")]
   return [(corpus, "split")]
 
@@ -149,16 +149,16 @@ def _build(entries: list[tuple[Corpus, str]], tok: Tokenizer, val_fraction: floa
   key = hashlib.sha256(repr([(c.fingerprint, rule) for c, rule in entries] +
                             [val_fraction] * any(rule == "split" for _, rule in entries)).encode()).hexdigest()
   directory = os.path.join(cache_dir, f"tokens-{tok.fingerprint}-{key[:12]}")
-  paths = {split: os.path.join(directory, f"{split}.json") for split in _SPLITS}
+  manifests = {split: os.path.join(directory, f"{split}.json") for split in _SPLITS}
   wanted = {split for _, rule in entries for split in (_SPLITS if rule == "split" else (rule,))}
-  if all(os.path.exists(paths[s]) for s in wanted):
+  if all(paths.path(manifests[s]).exists() for s in wanted):
     for split in wanted:
-      manifest = tokens_lib.read_manifest(paths[split])
+      manifest = tokens_lib.read_manifest(manifests[split])
       if manifest["tokenizer_fingerprint"] != tok.fingerprint:
-        raise DataError(f"{paths[split]} was made with tokenizer {manifest['tokenizer_fingerprint']} but the "
+        raise DataError(f"{manifests[split]} was made with tokenizer {manifest['tokenizer_fingerprint']} but the "
                         f"tokenizer is {tok.fingerprint}; delete {directory} to prepare it again.")
     logging.info("Using the cached token sets in %s.", directory)
-    return tuple(paths[s] if s in wanted else None for s in _SPLITS)
+    return tuple(manifests[s] if s in wanted else None for s in _SPLITS)
   shards = {split: [] for split in _SPLITS}
   documents = dict.fromkeys(_SPLITS, 0)
   text_entries = [(c, rule) for c, rule in entries if not c.is_tokens]
@@ -183,26 +183,26 @@ def _build(entries: list[tuple[Corpus, str]], tok: Tokenizer, val_fraction: floa
       sources = ", ".join(repr(c.path) for c, _ in entries)
       raise DataError(f"the {split} split of {sources} is empty (data.val_fraction={val_fraction}); add text or "
                       "change data.val_fraction.")
-    tokens_lib.write_json(paths[split], {
+    paths.write_json(manifests[split], {
         "tokens": count, "documents": documents[split], "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
         "tokenizer_fingerprint": tok.fingerprint, "sources": [c.path for c, _ in entries],
         "shards": shards[split]})
-    logging.info("Wrote %s: %d tokens of %d documents.", paths[split], count, documents[split])
-  return tuple(paths[s] if s in wanted else None for s in _SPLITS)
+    logging.info("Wrote %s: %d tokens of %d documents.", manifests[split], count, documents[split])
+  return tuple(manifests[s] if s in wanted else None for s in _SPLITS)
 
 
-def _mixture(paths: list[str], weights: list[float], tok: Tokenizer, cache_dir: str) -> str:
+def _mixture(sets: list[str], weights: list[float], tok: Tokenizer, cache_dir: str) -> str:
   """The token set itself, or for several a mixture manifest that draws from each in proportion to its weight."""
-  if len(paths) == 1:
-    return paths[0]
-  key = hashlib.sha256(repr(list(zip(paths, weights))).encode()).hexdigest()
+  if len(sets) == 1:
+    return sets[0]
+  key = hashlib.sha256(repr(list(zip(sets, weights))).encode()).hexdigest()
   path = os.path.join(cache_dir, f"mixture-{key[:12]}.json")
-  if os.path.exists(path):  # the key covers the sets' contents: nothing to update
+  if paths.path(path).exists():  # the key covers the sets' contents: nothing to update
     return path
-  tokens_lib.write_json(path, {
-      "tokens": sum(map(_tokens, paths)), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+  paths.write_json(path, {
+      "tokens": sum(map(_tokens, sets)), "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
       "tokenizer_fingerprint": tok.fingerprint,
-      "mixture": [{"path": os.path.relpath(p, cache_dir), "weight": w} for p, w in zip(paths, weights)]})
+      "mixture": [{"path": paths.relative(p, cache_dir), "weight": w} for p, w in zip(sets, weights)]})
   return path
 
 
@@ -319,45 +319,45 @@ class _ShardWriter:
 
   def __init__(self, directory: str, dtype: np.dtype, progress: dict):
     self.directory, self.dtype, self.progress = directory, dtype, progress
-    self._files = {}
+    self._files = {}  # split: (shard name, file being written)
+    self._writing = contextlib.ExitStack()
 
   def add(self, encoded: dict, meta: dict) -> None:
     for split, (ids, n_docs) in encoded.items():
       if len(ids):
         if split not in self._files:
-          self._files[split] = open(os.path.join(self.directory, f".tmp-{split}.bin"), "wb")
-        ids.tofile(self._files[split])
+          name = f"{split}-{len(self.progress['shards'][split]):05d}.bin"
+          # Under a temporary name (locally .tmp-*) until finished: never taken as a shard before.
+          f = self._writing.enter_context(paths.atomic_write(os.path.join(self.directory, name), "wb"))
+          self._files[split] = name, f
+        ids.tofile(self._files[split][1])
       self.progress["documents"][split] += n_docs
     self.progress["items"] += meta["items"]
     self.progress["bytes"] += meta["bytes"]
-    if meta["complete"] and any(f.tell() >= _SHARD_TOKENS * self.dtype.itemsize for f in self._files.values()):
+    if meta["complete"] and any(f.tell() >= _SHARD_TOKENS * self.dtype.itemsize for _, f in self._files.values()):
       self.finish()
 
   def finish(self) -> None:
-    """Renames the current shards to their final names, then records them in progress.json."""
-    for split, f in self._files.items():
-      f.close()
-      shards = self.progress["shards"][split]
-      name = f"{split}-{len(shards):05d}.bin"
-      os.replace(f.name, os.path.join(self.directory, name))
-      size = os.path.getsize(os.path.join(self.directory, name))
-      shards.append({"path": name, "offset": 0, "tokens": size // self.dtype.itemsize, "dtype": self.dtype.name,
-                     "bytes": size})
+    """Completes the current shards under their final names, then records them in progress.json."""
+    sizes = {split: f.tell() for split, (_, f) in self._files.items()}
+    self._writing.close()
+    for split, (name, _) in self._files.items():
+      self.progress["shards"][split].append({"path": name, "offset": 0, "tokens": sizes[split] // self.dtype.itemsize,
+                                             "dtype": self.dtype.name, "bytes": sizes[split]})
     self._files = {}
-    tokens_lib.write_json(os.path.join(self.directory, _PROGRESS), self.progress)
+    paths.write_json(os.path.join(self.directory, _PROGRESS), self.progress)
 
 
 def _encode(entries: list[tuple[Corpus, str]], tok: Tokenizer, val_fraction: float, directory: str) -> dict:
   """Encodes the documents of entries into shards in directory, resuming after the shards of an earlier run;
   returns the final progress record: {"shards": {split: [...]}, "documents": {split: n}, ...}."""
-  os.makedirs(directory, exist_ok=True)
-  for stale in glob.glob(os.path.join(glob.escape(directory), ".tmp-*")):
-    os.remove(stale)  # a shard that an interrupted run was writing: never taken as finished
+  paths.makedirs(directory)
+  for stale in paths.glob_files(os.path.join(glob.escape(directory), ".tmp-*")):
+    paths.path(stale).unlink()  # a shard that an interrupted run was writing: never taken as finished
   progress_path = os.path.join(directory, _PROGRESS)
   progress = {"items": 0, "bytes": 0, "shards": {s: [] for s in _SPLITS}, "documents": dict.fromkeys(_SPLITS, 0)}
-  if os.path.exists(progress_path):
-    with open(progress_path) as f:
-      progress = json.load(f)
+  if paths.path(progress_path).exists():
+    progress = paths.read_json(progress_path)
     logging.info("Resuming %s after %d finished documents.", directory, progress["items"])
   dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")  # ids < vocab_size
   total = sum(c.size_bytes for c, _ in entries)

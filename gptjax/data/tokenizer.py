@@ -2,25 +2,24 @@
 GPT-2's byte-level BPE loaded from its vocab.json + merges.txt."""
 
 import abc
+import concurrent.futures
 import functools
 import hashlib
 import io
 import itertools
 import json
-import math
 import os
-import re
 import shutil
-import sys
 import tempfile
 import time
-import unicodedata
 from typing import Iterable
 
 from absl import logging
 import numpy as np
 import sentencepiece as spm
+import tiktoken
 
+from gptjax import paths
 from gptjax.data.corpus import DataError, corpus_sha256
 
 # Kinds trained on the corpus; 'gpt2' is loaded from data.tokenizer_path.
@@ -71,15 +70,17 @@ class Tokenizer(abc.ABC):
     # Pickled as its payload (SentencePiece processors do not pickle): pool workers rebuild their own.
     return from_payload, (self.kind, self.payload)
 
-  def save(self, directory: str) -> None:
-    """Writes the tokenizer into directory; load_tokenizer(directory) reads it back."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, _MODEL), "wb") as f:
-      f.write(self.payload)
+  def files(self) -> dict[str, bytes]:
+    """The files `save` writes, by name (`from_saved` reads them back)."""
     meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
             "fingerprint": self.fingerprint}
-    with open(os.path.join(directory, _META), "w") as f:  # written last: its presence marks a complete save
-      json.dump(meta, f, indent=2)
+    return {_MODEL: self.payload, _META: json.dumps(meta, indent=2).encode()}
+
+  def save(self, directory: str) -> None:
+    """Writes the tokenizer into directory; load_tokenizer(directory) reads it back."""
+    paths.makedirs(directory)
+    for name, content in self.files().items():  # _META last: its presence marks a complete save
+      paths.path(os.path.join(directory, name)).write_bytes(content)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -184,35 +185,9 @@ class CharTokenizer(Tokenizer):
     return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le", errors="surrogatepass")
 
 
-# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other symbols, whitespace, each with one leading
-# space. L, N and S stand for Unicode letters, numbers and White_Space (filled in by _pretokenizer).
-_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"""
-# Unicode's White_Space property (what \s means to the `regex` package and to HF tokenizers); Python's own \s
-# also takes U+001C..U+001F, which GPT-2 treats as symbols.
-_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-@functools.cache
-def _pretokenizer():
-  """GPT-2's pattern, compiled with the `regex` package when installed, else with `re` and explicit classes."""
-  try:
-    import regex  # pylint: disable=import-outside-toplevel
-    return regex.compile(_GPT2_PATTERN.format(L=r"\p{L}", N=r"\p{N}", S=_WHITESPACE))
-  except ImportError:
-    return re.compile(_GPT2_PATTERN.format(L=_category_class("L"), N=_category_class("N"), S=_WHITESPACE))
-
-
-def _category_class(major: str) -> str:
-  """The body of a regex character class of every code point whose Unicode category starts with `major`."""
-  ranges, start = [], None
-  for code in range(sys.maxunicode + 2):
-    inside = code <= sys.maxunicode and unicodedata.category(chr(code))[0] == major
-    if inside and start is None:
-      start = code
-    elif not inside and start is not None:
-      ranges.append(re.escape(chr(start)) + ("-" + re.escape(chr(code - 1)) if code - 1 > start else ""))
-      start = None
-  return "".join(ranges)
+# GPT-2's pre-tokenizer (OpenAI's encoder.py): contractions, letter runs, digit runs, other symbols, whitespace, each
+# with one leading space. \s is Unicode's White_Space, as in the `regex` package that GPT-2 used.
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 @functools.cache
@@ -224,38 +199,66 @@ def _byte_chars() -> tuple[str, ...]:
   return tuple(chr(chars[b]) for b in range(256))
 
 
-class GPT2Tokenizer(Tokenizer):
-  """GPT-2's byte-level BPE (the same ids as tiktoken's and HF's 'gpt2'); EOS is '<|endoftext|>'.
+@functools.cache
+def _thread_pool(pid: int, threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """Threads for tiktoken, which encodes without the GIL; one pool per process (a forked child lacks the threads
+  of its parent's)."""
+  del pid
+  return concurrent.futures.ThreadPoolExecutor(threads)
 
-  Text that contains the literal string '<|endoftext|>' is encoded as ordinary text, never as EOS (like
-  tiktoken's encode_ordinary): documents cannot fake a boundary.
+
+class GPT2Tokenizer(Tokenizer):
+  """GPT-2's byte-level BPE (the same ids as tiktoken's and HF's 'gpt2'), encoded by tiktoken; EOS is
+  '<|endoftext|>'.
+
+  Text that contains the literal string '<|endoftext|>' is encoded as ordinary text, never as EOS (tiktoken's
+  encode_ordinary): documents cannot fake a boundary. Lone surrogates (from JSON escapes) become U+FFFD.
   """
 
   def __init__(self, payload: bytes):
     spec = json.loads(payload)
-    self._vocab = spec["vocab"]
-    self._ranks = {tuple(m.split(" ")): i for i, m in enumerate(spec["merges"])}
-    super().__init__("gpt2", payload, max(self._vocab.values()) + 1, self._vocab[_GPT2_EOS])
-    self._tokens = [""] * self.vocab_size
-    for token, i in self._vocab.items():
-      self._tokens[i] = token
-    self._byte_of = {c: b for b, c in enumerate(_byte_chars())}
-    self._cache = {}
+    vocab = spec["vocab"]
+    super().__init__("gpt2", payload, max(vocab.values()) + 1, vocab[_GPT2_EOS])
+    byte_of = {ord(c): b for b, c in enumerate(_byte_chars())}
+    self._bytes = [b""] * self.vocab_size  # each id's bytes (none for ids that vocab.json skips)
+    for token, i in vocab.items():
+      self._bytes[i] = token.translate(byte_of).encode("latin-1")
+    # tiktoken ranks tokens by merge priority (the single bytes first, then the merges in order), GPT-2 by id:
+    # equal for GPT-2's own files, not for every vocab.json, so its ranks are mapped to our ids. tiktoken merges
+    # the adjacent pair whose join ranks lowest, and takes a word that is a whole token as that token: the same
+    # ids as GPT-2's merge loop for vocabularies learned by BPE (GPT-2's own, HF tokenizers').
+    tokens = [*_byte_chars(), *(merge.replace(" ", "") for merge in spec["merges"])]
+    self._ids = np.array([vocab[t] for t in tokens], np.int32)
+    self._encoding = tiktoken.Encoding("gpt2", pat_str=_GPT2_PATTERN, special_tokens={},
+                                       mergeable_ranks={self._bytes[i]: rank for rank, i in enumerate(self._ids)})
 
   @classmethod
   def from_files(cls, directory: str) -> "GPT2Tokenizer":
     """Reads GPT-2's vocab.json and merges.txt (as published with the HF 'gpt2' model) from directory."""
     vocab_path, merges_path = (os.path.join(directory, name) for name in _GPT2_FILES)
-    with open(vocab_path, encoding="utf-8") as f:
-      vocab = json.load(f)
-    with open(merges_path, encoding="utf-8") as f:
+    with paths.open_text(merges_path) as f:
       merges = [line.rstrip("\r\n") for line in f if line.strip() and not line.startswith("#version")]
+    return cls.from_vocab(paths.read_json(vocab_path), merges, vocab_path, merges_path)
+
+  @classmethod
+  def from_vocab(cls, vocab: dict[str, int], merges: list[str], vocab_path: str = "vocab.json",
+                 merges_path: str = "merges.txt") -> "GPT2Tokenizer":
+    """From the contents of vocab.json (token: id) and merges.txt (one 'a b' per merge, by rank); the paths name
+    them in errors."""
     problems = [f"{vocab_path} has no {_GPT2_EOS!r} token"] if _GPT2_EOS not in vocab else []
     problems += [f"{vocab_path} lacks the byte token {c!r}" for c in _byte_chars() if c not in vocab][:1]
+    alphabet = set(_byte_chars())
+    problems += [f"{vocab_path} has the token {t!r}, which is not made of byte tokens" for t in vocab
+                 if not set(t) <= alphabet][:1]
+    made = {}  # token: the merge that makes it
     for line_no, merge in enumerate(merges, 1):
       pair = merge.split(" ")
       if len(pair) != 2 or "".join(pair) not in vocab:
         problems.append(f"{merges_path}: merge {line_no} {merge!r} is not two tokens whose join is in vocab.json")
+        break
+      if made.setdefault("".join(pair), line_no) != line_no:
+        problems.append(f"{merges_path}: merge {line_no} {merge!r} makes the token of merge {made[''.join(pair)]} "
+                        "again")
         break
     if problems:
       raise DataError(f"{'; '.join(problems)}: these are not the files of a byte-level BPE tokenizer; give "
@@ -264,41 +267,13 @@ class GPT2Tokenizer(Tokenizer):
     return cls(json.dumps({"vocab": by_id, "merges": merges}, ensure_ascii=False).encode())
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    pattern = _pretokenizer()
-    out = []
-    for text in texts:
-      ids = []
-      for word in pattern.findall(text):
-        ids += self._cache.get(word) or self._bpe(word)
-      out.append(np.array(ids, np.int32))
-    return out
-
-  def _bpe(self, word: str) -> list[int]:
-    """The ids of one pre-token: repeatedly merge every occurrence of its lowest-ranked adjacent pair."""
-    chars = _byte_chars()
-    parts = [chars[b] for b in word.encode("utf-8", errors="surrogatepass")]
-    while len(parts) > 1:
-      pairs = list(zip(parts, parts[1:]))
-      best = min(pairs, key=lambda pair: self._ranks.get(pair, math.inf))
-      if best not in self._ranks:
-        break
-      merged, i = [], 0
-      while i < len(parts):
-        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
-          merged.append(parts[i] + parts[i + 1])
-          i += 2
-        else:
-          merged.append(parts[i])
-          i += 1
-      parts = merged
-    ids = [self._vocab[p] for p in parts]
-    if len(self._cache) < 1 << 20:  # words repeat (Zipf): the cache is most of the speed
-      self._cache[word] = ids
-    return ids
+    encode = self._encoding.encode_ordinary
+    parallel = self.threads > 1 and len(texts) > 1
+    ranks = _thread_pool(os.getpid(), self.threads).map(encode, texts) if parallel else map(encode, texts)
+    return [self._ids[r] for r in ranks]
 
   def _decode(self, ids: np.ndarray) -> str:
-    data = bytes(self._byte_of[c] for i in ids.tolist() for c in self._tokens[i])
-    return data.decode("utf-8", errors="replace")
+    return b"".join(self._bytes[i] for i in ids.tolist()).decode("utf-8", errors="replace")
 
 
 def _line_chunks(documents: Iterable[str]):
@@ -328,22 +303,23 @@ def from_payload(kind: str, payload: bytes) -> Tokenizer:
 
 def load_tokenizer(directory: str) -> Tokenizer:
   """Reads a tokenizer written by Tokenizer.save, or GPT-2's vocab.json + merges.txt, from directory."""
-  meta_path = os.path.join(directory, _META)
-  meta = {}
-  if os.path.exists(meta_path):  # HF model directories have a tokenizer.json of their own: not ours
-    with open(meta_path) as f:
-      meta = json.load(f)
-  if "fingerprint" not in meta:
-    if all(os.path.exists(os.path.join(directory, name)) for name in _GPT2_FILES):
+  meta_path = paths.path(os.path.join(directory, _META))
+  meta = meta_path.read_bytes() if meta_path.exists() else b"{}"
+  if "fingerprint" not in json.loads(meta):  # HF model directories have a tokenizer.json of their own: not ours
+    if all(paths.path(os.path.join(directory, name)).exists() for name in _GPT2_FILES):
       return GPT2Tokenizer.from_files(directory)
     raise DataError(f"no tokenizer in {directory!r}: it needs {_META} + {_MODEL} (written by Tokenizer.save, as "
                     f"in a run's tokenizer/ directory) or GPT-2's {' + '.join(_GPT2_FILES)}; point "
                     "data.tokenizer_path at such a directory.")
-  with open(os.path.join(directory, _MODEL), "rb") as f:
-    payload = f.read()
-  tok = from_payload(meta["kind"], payload)
+  return from_saved({_MODEL: paths.path(os.path.join(directory, _MODEL)).read_bytes(), _META: meta}, repr(directory))
+
+
+def from_saved(files: dict[str, bytes], where: str = "the tokenizer") -> Tokenizer:
+  """The tokenizer whose `Tokenizer.files` are `files`; `where` names them in errors."""
+  meta = json.loads(files[_META])
+  tok = from_payload(meta["kind"], files[_MODEL])
   if tok.fingerprint != meta["fingerprint"]:
-    raise DataError(f"{directory!r}: {_MODEL} has fingerprint {tok.fingerprint} but {_META} says "
+    raise DataError(f"{where}: {_MODEL} has fingerprint {tok.fingerprint} but {_META} says "
                     f"{meta['fingerprint']}; the files are corrupt or mixed up: delete the directory to retrain.")
   return tok
 
@@ -361,7 +337,7 @@ def train_tokenizer(documents: Iterable[str], kind: str, vocab_size: int, cache_
     key, total_chars = corpus_sha256(documents)[:12], sum(map(len, documents))
   size = 0 if kind == "char" else vocab_size  # a char vocabulary is whatever the corpus holds
   directory = os.path.join(cache_dir, f"tokenizer-{kind}-{size}-{key}")
-  if os.path.exists(os.path.join(directory, _META)):
+  if paths.path(os.path.join(directory, _META)).exists():
     return load_tokenizer(directory)
   start = time.time()
   if kind == "char":
@@ -370,6 +346,9 @@ def train_tokenizer(documents: Iterable[str], kind: str, vocab_size: int, cache_
     tok = SentencePieceTokenizer.train(documents, kind, size, total_chars)
   logging.info("Trained a %s tokenizer (%d tokens) in %.1f s; caching it in %s.", kind, tok.vocab_size,
                time.time() - start, directory)
+  if paths.is_remote(cache_dir):  # object stores rename by copying: written in place, _META (last) marks it done
+    tok.save(directory)
+    return tok
   os.makedirs(cache_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-tokenizer-")
   tok.save(tmp)

@@ -8,27 +8,17 @@ manifest instead lists other manifests with weights.
 """
 
 import bisect
-import json
 import os
 
 from absl import logging
 import numpy as np
 
+from gptjax import paths
 from gptjax.data.corpus import LLMC_MAGIC, DataError
 
 _LLMC_HEADER_BYTES = 256 * 4
 # Tokens per read when scanning token files (for their largest id and EOS count): bounded memory.
 _SCAN_TOKENS = 1 << 24
-
-
-def write_json(path: str, obj: dict) -> None:
-  """Writes obj to path atomically: a reader sees the old file or the whole new one, never a part."""
-  directory = os.path.dirname(path) or "."
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def manifest_path(path: str) -> str:
@@ -39,13 +29,15 @@ def manifest_path(path: str) -> str:
 def read_manifest(path: str) -> dict:
   """A token set's manifest, with each shard's file checked to exist with the size it had when listed."""
   path = manifest_path(path)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise DataError(f"token set {path!r} is missing; run data preparation (python -m gptjax.prepare) first.")
-  with open(path) as f:
-    manifest = json.load(f)
+  manifest = paths.read_json(path)
   for shard in manifest.get("shards", ()):
-    file = os.path.join(os.path.dirname(path), shard["path"])
-    size = os.path.getsize(file) if os.path.exists(file) else None
+    file = paths.join(os.path.dirname(path), shard["path"])
+    try:
+      size = paths.size(file)
+    except FileNotFoundError:
+      size = None
     if size != shard["bytes"]:
       raise DataError(f"token file {file} has {size} bytes but {path} lists it with {shard['bytes']}: it was "
                       f"changed, truncated or removed since; delete {os.path.dirname(path)} to prepare it again.")
@@ -53,11 +45,16 @@ def read_manifest(path: str) -> dict:
 
 
 class TokenStream:
-  """Shards (byte ranges of files) as one read-only sequence of ids; memmaps open on first read, so it pickles."""
+  """Shards (byte ranges of files) as one read-only sequence of ids; memmaps open on first read, so it pickles.
+
+  Remote files are read from local copies (paths.local_copy: downloaded once into the local cache and kept),
+  made here, before the stream is handed to Grain's worker processes.
+  """
 
   def __init__(self, shards: list[dict], directory: str = "", name: str = ""):
     self.shards = shards
-    self.directory = directory  # what relative shard paths are relative to
+    # Relative shard paths are relative to `directory`.
+    self.files = [paths.local_copy(paths.join(directory, s["path"])) for s in shards]
     self.name = name
     self._starts = np.cumsum([0] + [s["tokens"] for s in shards]).tolist()
     self._maps = None
@@ -66,8 +63,8 @@ class TokenStream:
     return self._starts[-1]
 
   def _open(self) -> list[np.memmap]:
-    return [np.memmap(os.path.join(self.directory, s["path"]), np.dtype(s["dtype"]).newbyteorder("<"), mode="r",
-                      offset=s["offset"], shape=(s["tokens"],)) for s in self.shards]
+    return [np.memmap(file, np.dtype(s["dtype"]).newbyteorder("<"), mode="r", offset=s["offset"], shape=(s["tokens"],))
+            for file, s in zip(self.files, self.shards)]
 
   def read(self, start: int, count: int) -> np.ndarray:
     """Tokens [start, start + count) as int32 (crossing shard boundaries where needed)."""
@@ -109,13 +106,13 @@ def open_tokens(path: str) -> TokenStream:
 
 def external_shard(file: str, fmt: str) -> dict:
   """The shard entry of an existing nanoGPT (raw uint16) or llm.c (header + tokens) file, read in place."""
-  size = os.path.getsize(file)
+  size = paths.size(file)
   if fmt == "nanogpt":
     if size % 2:
       raise DataError(f"{file} has an odd size ({size} bytes) but nanoGPT token files are uint16 (2 bytes per "
                       "token): it is not one; set data.format to what it is.")
-    return {"path": os.path.abspath(file), "offset": 0, "tokens": size // 2, "dtype": "uint16", "bytes": size}
-  with open(file, "rb") as f:
+    return {"path": paths.absolute(file), "offset": 0, "tokens": size // 2, "dtype": "uint16", "bytes": size}
+  with paths.path(file).open("rb") as f:
     header = np.frombuffer(f.read(_LLMC_HEADER_BYTES), "<i4")
   if len(header) < 3 or header[0] != LLMC_MAGIC or header[1] not in (1, 2):
     raise DataError(f"{file} is not an llm.c token shard (it needs magic {LLMC_MAGIC} and version 1 or 2 in its "
@@ -125,7 +122,7 @@ def external_shard(file: str, fmt: str) -> dict:
   if size != expected:
     raise DataError(f"{file}: its llm.c header says {int(header[2])} {dtype.name} tokens ({expected} bytes with the "
                     f"header) but the file has {size} bytes: it is truncated or corrupt; copy or export it again.")
-  return {"path": os.path.abspath(file), "offset": _LLMC_HEADER_BYTES, "tokens": int(header[2]),
+  return {"path": paths.absolute(file), "offset": _LLMC_HEADER_BYTES, "tokens": int(header[2]),
           "dtype": dtype.name, "bytes": size}
 
 

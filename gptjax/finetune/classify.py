@@ -13,12 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import paths
+from gptjax.errors import UserError
+
 
 # Column names tried, in order, when the caller names no text column (SST-2's is 'sentence').
 TEXT_FIELDS = ("text", "sentence")
 
 
-class ClassifyDataError(ValueError):
+class ClassifyDataError(UserError, ValueError):
   """Bad classification data; the message names file:line and the fix."""
 
 
@@ -33,7 +36,7 @@ class Example:
 def _rows(path: str):
   """(line number, {column: value}) of a .tsv, .csv or .jsonl file; TSV/CSV have a header row."""
   suffix = os.path.splitext(path)[1].lower()
-  with open(path, encoding="utf-8", newline="") as f:
+  with paths.open_text(path, newline="") as f:
     if suffix == ".jsonl":
       for line_no, line in enumerate(f, 1):
         if line.strip():

@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import paths
+from gptjax.errors import UserError
 from gptjax.finetune import classify
 
 _TAG = re.compile(r"^(O|[BI]-\S+)$")
 IGNORE = -1  # label of positions that are not scored (later subwords, the first copy, padding)
 
 
-class ConllError(ValueError):
+class ConllError(UserError, ValueError):
   """Bad token-classification data; the message names file:line and the fix."""
 
 
@@ -38,7 +40,7 @@ def read_conll(path: str) -> list[Sentence]:
   -DOCSTART- lines are skipped; the tag is the last column and must be BIO ('O', 'B-TYPE' or 'I-TYPE').
   """
   sentences, words, tags, start = [], [], [], 0
-  with open(path, encoding="utf-8") as f:
+  with paths.open_text(path) as f:
     for line_no, line in enumerate(f, 1):
       columns = line.split()
       if columns and columns[0] == "-DOCSTART-":

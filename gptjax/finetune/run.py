@@ -11,7 +11,6 @@ file after every epoch, and writes into the workdir:
   summary.json                  parameter counts, memory, wall times, final metrics
 """
 
-import json
 import math
 import os
 import time
@@ -20,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, generate, metrics, sharding, train
+from gptjax import checkpoint, config as config_lib, generate, metrics, paths, sharding, train
 from gptjax.config import ConfigError
 from gptjax.finetune import lora, sft, store, tasks, trainer
 from gptjax.loop import StopFlag, log
@@ -38,7 +37,7 @@ def run(config, workdir: str) -> dict:
                        ("task.eval_batch_size", config.task.eval_batch_size)):
     if value % dp:
       raise ConfigError(f"{field}={value} must be a multiple of the data-parallel degree {dp}.")
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   task = tasks.make_task(config.task)
   mesh = sharding.make_mesh(config)
   base = checkpoint.load_model(config.checkpoint.init_from, mesh)
@@ -47,8 +46,12 @@ def run(config, workdir: str) -> dict:
   if max_len > model_cfg.block_size:
     raise ConfigError(f"task.max_len={max_len} exceeds the base model's block_size {model_cfg.block_size}; "
                       "lower it (0 = block_size).")
-  log("base: %s (step %d) | %s parameters, context %d, tokenizer %s", config.checkpoint.init_from, base.step,
-      metrics.format_count(sum(x.size for x in jax.tree.leaves(base.params))), model_cfg.block_size, tokenizer.kind)
+  # 'auto' attention resolved once for this device and every batch length: a fused kernel that does not compile
+  # falls back to 'xla'.
+  model_cfg = model_cfg.for_device(mesh, trainer.bucket_lengths(max_len))
+  log("base: %s (step %d) | %s parameters, context %d, tokenizer %s | attention %s", config.checkpoint.init_from,
+      base.step, metrics.format_count(sum(x.size for x in jax.tree.leaves(base.params))), model_cfg.block_size,
+      tokenizer.kind, model_cfg.attention)
 
   train_examples = task.read(config.task.train_path)
   eval_examples = task.read(config.task.eval_path)
@@ -145,14 +148,13 @@ def run(config, workdir: str) -> dict:
   store.save(os.path.join(workdir, "finetuned"), config, base.config, labels, state["trainable"], tokenizer, step)
   if config.task.export_merged:
     checkpoint.write_export(os.path.join(workdir, "merged"), params, base.config, tokenizer, step,
-                            source=os.path.join(os.path.abspath(workdir), "finetuned"))
+                            source=os.path.join(paths.absolute(workdir), "finetuned"))
   summary = {"task": config.task.kind, "steps": step, "epochs": step / steps_per_epoch, "stopped_by": stop.reason,
              "trainable_parameters": n_trainable, "base_parameters": n_base, "lora_rank": config.lora.rank,
              "memory_mib": memory, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
              "wall_seconds": time.time() - start_time,
              "eval": {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k == "per_type"}}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  paths.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
   writer.close()
   log("done in %s (train %s, eval %s): %s | %s", metrics.format_duration(summary["wall_seconds"]),
       metrics.format_duration(train_seconds), metrics.format_duration(eval_seconds),

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import losses
+from gptjax import losses, paths
+from gptjax.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
 
-class SftDataError(ValueError):
+class SftDataError(UserError, ValueError):
   """Bad instruction data; the message names file:line and the fix."""
 
 
@@ -49,7 +50,7 @@ def read_conversations(path: str, prompt_field: str = "prompt", response_field: 
                        messages_field: str = "messages") -> list[Conversation]:
   """The conversations of a JSONL file; malformed rows are errors naming file:line."""
   conversations = []
-  with open(path, encoding="utf-8") as f:
+  with paths.open_text(path) as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue

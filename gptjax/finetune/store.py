@@ -9,16 +9,14 @@ from the one the adapters were trained with is refused.
 """
 
 import dataclasses
-import json
 import os
-import shutil
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, sharding
+from gptjax import checkpoint, config as config_lib, paths, sharding
 from gptjax.finetune import lora, tasks, trainer
 from gptjax.model import GPT, GPTConfig
 
@@ -48,20 +46,25 @@ def lora_config(config) -> trainer.LoraConfig | None:
 
 
 def save(out_dir: str, config, base_config, labels: list[str], trainable: dict, tokenizer, step: int) -> str:
-  """Writes trainable + task.json to out_dir, replacing an earlier save only once the new one is complete."""
-  out_dir = os.path.abspath(out_dir)
-  partial = out_dir + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)
+  """Writes trainable + task.json to out_dir, replacing an earlier save only once the new one is complete.
+
+  Object stores cannot rename a directory (they copy every object), so there the earlier save is deleted first and
+  the new one written in place: task.json, written last, marks it complete.
+  """
+  out_dir = paths.absolute(out_dir)
+  remote = paths.is_remote(out_dir)
+  partial = out_dir if remote else out_dir + ".partial"
+  paths.rmtree(partial)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(partial, "trainable"), trainable)
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     meta = {"config": config.to_dict(), "base_config": base_config.to_dict(), "labels": labels, "step": step,
             "tokenizer": checkpoint.tokenizer_files(tokenizer)}
-    with open(os.path.join(partial, TASK_FILE), "w") as f:
-      json.dump(meta, f)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    paths.write_json(os.path.join(partial, TASK_FILE), meta, indent=None)
+    if not remote:
+      paths.rmtree(out_dir)
+      paths.path(partial).rename(out_dir)
   return out_dir
 
 
@@ -70,12 +73,11 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
 
   LoRA adapters go on top of `base` (default: the checkpoint.init_from they were trained from).
   """
-  directory = path if os.path.exists(os.path.join(path, TASK_FILE)) else os.path.join(path, "finetuned")
-  if not os.path.exists(os.path.join(directory, TASK_FILE)):
-    raise FileNotFoundError(f"{path!r} holds no fine-tuned model ({TASK_FILE} missing): pass the workdir of a "
-                            "fine-tuning run or its finetuned/ directory.")
-  with open(os.path.join(directory, TASK_FILE)) as f:
-    meta = json.load(f)
+  directory = path if paths.path(os.path.join(path, TASK_FILE)).exists() else os.path.join(path, "finetuned")
+  if not paths.path(os.path.join(directory, TASK_FILE)).exists():
+    raise checkpoint.CheckpointError(f"{path!r} holds no fine-tuned model ({TASK_FILE} missing): pass the workdir "
+                                     "of a fine-tuning run or its finetuned/ directory.")
+  meta = paths.read_json(os.path.join(directory, TASK_FILE))
   config = ml_collections.ConfigDict(meta["config"])
   base_config = ml_collections.ConfigDict(meta["base_config"])
   tokenizer = checkpoint.tokenizer_from_files(meta["tokenizer"])
@@ -91,15 +93,15 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
   else:
     loaded = checkpoint.load_model(base or config.checkpoint.init_from, mesh)
     if loaded.tokenizer.fingerprint != tokenizer.fingerprint:
-      raise ValueError(f"the base model {base or config.checkpoint.init_from!r} has tokenizer "
-                       f"{loaded.tokenizer.fingerprint}, the adapters in {directory} were trained with "
-                       f"{tokenizer.fingerprint}; load them onto the model they were trained from.")
+      raise config_lib.ConfigError(f"the base model {base or config.checkpoint.init_from!r} has tokenizer "
+                                   f"{loaded.tokenizer.fingerprint}, the adapters in {directory} were trained with "
+                                   f"{tokenizer.fingerprint}; load them onto the model they were trained from.")
     frozen = {"base": loaded.params}
     adapters = jax.eval_shape(lambda: lora.init_adapters(loaded.params, lora_cfg.targets, lora_cfg.rank,
                                                          jax.random.key(0)))
     target = {"lora": place(adapters), "head": head_target}
   try:
-    trainable = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "trainable"), target)
+    trainable = ocp.StandardCheckpointer().restore(os.path.join(paths.absolute(directory), "trainable"), target)
   except Exception as e:  # Orbax raises many types for missing or corrupt files
     raise checkpoint.CheckpointError(f"{directory}/trainable cannot be read ({type(e).__name__}: {str(e)[:300]});"
                                      " fine-tune again or restore the directory.") from e

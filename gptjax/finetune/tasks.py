@@ -12,6 +12,7 @@ from typing import Callable
 import jax
 import ml_collections
 
+from gptjax import paths
 from gptjax.config import ConfigError
 from gptjax.finetune import classify, ner, sft
 
@@ -70,7 +71,7 @@ def validate(config) -> None:
   for field in ("train_path", "eval_path"):
     if not t[field]:
       raise ConfigError(f"task.{field} is empty; give the {field.split('_')[0]} file.")
-    if not os.path.isfile(t[field]):
+    if not paths.is_file(t[field]):
       raise ConfigError(f"task.{field}={t[field]!r} does not exist; give an existing file.")
   if not config.checkpoint.init_from:
     raise ConfigError("checkpoint.init_from is empty: fine-tuning needs a base model (a run's workdir, an export "
@@ -140,10 +141,8 @@ def make_task(task_cfg) -> Task:
 
 def write_report(out_dir: str, report: dict, rows: list[dict]) -> None:
   """out_dir/report.json (metrics) and out_dir/predictions.jsonl (one row per example)."""
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+  paths.write_json(os.path.join(out_dir, "report.json"), report, indent=2)
+  with paths.atomic_write(os.path.join(out_dir, "predictions.jsonl")) as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")
 

@@ -98,6 +98,11 @@ def bucket_length(lengths_B: np.ndarray, max_len: int, minimum: int = 16) -> int
   return min(max_len, max(minimum, 1 << max(longest - 1, 0).bit_length()))
 
 
+def bucket_lengths(max_len: int) -> list[int]:
+  """Every length `bucket_length` can cut a batch to: the shapes a run's steps compile for."""
+  return sorted({bucket_length(np.array([n]), max_len) for n in range(1, max_len + 1)})
+
+
 def take(arrays: dict, rows: np.ndarray, keys) -> dict:
   """The batch `rows` of `keys`, token-aligned arrays cut to the batch's bucket length."""
   max_len = arrays["tokens"].shape[1]

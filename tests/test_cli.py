@@ -1,0 +1,50 @@
+"""Every command-line tool reports an error the user can fix as one `error: ...` line with exit status 2, in a
+subprocess as a user runs it; --verbosity=1 brings the traceback back."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAIN = ["gptjax.main", "--config=configs/quickstart.py"]
+NOT_A_RUN = "is neither a run directory (no checkpoints/ inside) nor an exported model"
+
+
+def _run(*command: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command, message", [
+    (MAIN + ["--config.model.dropout=2"], "model.dropout=2.0 must be in [0, 1)"),  # a bad config value
+    (MAIN + ["--config.mesh.tensor=3"], "are not divisible by the fixed degrees' product 3"),  # a mesh that does not fit
+    (MAIN + ["--config.data.path={tmp}/missing.txt"], "data.path='{tmp}/missing.txt' does not exist"),
+    (["gptjax.prepare", "--config=configs/quickstart.py", "--config.data.path={tmp}/missing.txt"], "does not exist"),
+    (["gptjax.sample", "--workdir={tmp}"], NOT_A_RUN),
+    (["gptjax.sample", "--workdir={tmp}/corrupt"], "checkpoint {tmp}/corrupt/checkpoints/5 cannot be read"),
+    (["gptjax.evaluate", "--workdir={tmp}", "--data={tmp}/missing.txt"], NOT_A_RUN),
+    (["gptjax.export", "--workdir={tmp}", "--out={tmp}/export"], NOT_A_RUN),
+    (["gptjax.hf", "export", "--workdir={tmp}", "--out={tmp}/hf"], NOT_A_RUN),
+    (["gptjax.plan", "--config=configs/quickstart.py", "--devices=8", "--mesh=3,1,1"], "needs 3 devices but 8"),
+    (["gptjax.plot", "--workdir={tmp}"], "metrics.jsonl does not exist"),
+])
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path, command, message):
+  (tmp_path / "corrupt" / "checkpoints" / "5").mkdir(parents=True)  # a step directory with nothing readable in it
+  command = [arg.format(tmp=tmp_path) for arg in command]
+  if command[0] in ("gptjax.main", "gptjax.prepare"):
+    command.append(f"--workdir={tmp_path / 'run'}")
+  result = _run(*command)
+  lines = result.stderr.splitlines()
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  # Library warnings (absl/Orbax lines) may come before it; the error is the one last line.
+  assert lines[-1].startswith("error: ") and message.format(tmp=tmp_path) in lines[-1], result.stderr[-3000:]
+  assert sum(line.startswith("error: ") for line in lines) == 1
+
+
+def test_verbosity_1_shows_the_traceback_of_a_user_error(tmp_path):
+  result = _run(*MAIN, f"--workdir={tmp_path}", "--config.mesh.tensor=3", "--verbosity=1")
+  assert result.returncode not in (0, 2)
+  assert "Traceback" in result.stderr and "ConfigError: mesh" in result.stderr, result.stderr[-3000:]
+  assert "\nerror: " not in result.stderr
