@@ -56,23 +56,25 @@ def quiet_libraries() -> None:
 
 def run(main) -> None:
   """absl's app.run(main), where an error the user can fix (errors.UserError) prints as one `error: ...` line on
-  stderr and exits with status 2; bugs keep their traceback, and --verbosity=1 shows it for user errors too."""
+  stderr and exits with status 2, and Ctrl-C exits at once with 130; bugs keep their traceback, and --verbosity=1
+  shows it for these too."""
   def main_with_one_line_errors(argv):
     try:
       return main(argv)
-    except errors.UserError as e:
+    except (errors.UserError, KeyboardInterrupt) as e:
       if flags.FLAGS.verbosity >= 1:
         raise
-      message = f"error: {e}"
+      message, status = (f"error: {e}", 2) if isinstance(e, errors.UserError) else ("aborted by Ctrl-C", 130)
     # Out of the except block, the traceback is gone and with it the frames' objects: Grain iterators stop their
-    # worker processes now rather than at interpreter exit.
+    # worker processes now.
     print(message, file=sys.stderr, flush=True)
     jax = sys.modules.get("jax")
-    if jax is not None and jax.distributed.is_initialized():
-      # At exit, jax.distributed waits (5 minutes) for every process at a barrier that the others, blocked in a
-      # collective this process will not join, never reach. Leaving at once ends them too (their runtime sees this
-      # process gone).
+    if status == 130 or (jax is not None and jax.distributed.is_initialized()):
+      # An ordinary exit waits for the device to finish the step in flight (an hour for GPT-2 on a CPU) and, in a
+      # multi-process job, up to 5 minutes at jax.distributed's shutdown barrier for the other processes, which never
+      # reach it while they wait in a collective this process will not join (leaving ends them too: their runtime
+      # sees this process gone).
       sys.stdout.flush()
-      os._exit(2)
-    sys.exit(2)
+      os._exit(status)
+    sys.exit(status)
   app.run(main_with_one_line_errors)

@@ -1,7 +1,8 @@
 """Every command-line tool reports an error the user can fix as one `error: ...` line with exit status 2, in a
-subprocess as a user runs it; --verbosity=1 brings the traceback back."""
+subprocess as a user runs it; --verbosity=1 brings the traceback back. A second Ctrl-C ends a run at once."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -48,3 +49,30 @@ def test_verbosity_1_shows_the_traceback_of_a_user_error(tmp_path):
   assert result.returncode not in (0, 2)
   assert "Traceback" in result.stderr and "ConfigError: mesh" in result.stderr, result.stderr[-3000:]
   assert "\nerror: " not in result.stderr
+
+
+CTRL_C_TWICE = """
+import os, signal, time
+import jax, jax.numpy as jnp
+from gptjax import cli, loop
+
+def main(argv):
+  step = jax.jit(lambda x: jax.lax.fori_loop(0, 10**6, lambda i, x: jnp.tanh(x @ x), x))
+  with loop.StopFlag() as stop:
+    in_flight = step(jnp.ones((256, 256)))  # a step that would run for hours
+    stop.busy_until = time.perf_counter() + 3600  # as the loop sets it from its estimate
+    os.kill(os.getpid(), signal.SIGINT)  # stop after the step...
+    os.kill(os.getpid(), signal.SIGINT)  # ...no: now
+    in_flight.block_until_ready()
+
+cli.run(main)
+"""
+
+
+def test_ctrl_c_says_how_long_the_step_needs_and_twice_aborts_at_once():
+  # An ordinary exit would wait for the step in flight: the timeout would end the test.
+  result = subprocess.run([sys.executable, "-c", CTRL_C_TWICE], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 130, result.stderr[-3000:]
+  assert re.search(r"SIGINT received: stopping after the steps already started, which need about (59m\d\ds|1h00m) "
+                   r"more, then saving a checkpoint\. Ctrl-C again aborts at once", result.stderr), result.stderr
+  assert "Traceback" not in result.stderr and result.stderr.splitlines()[-1] == "aborted by Ctrl-C", result.stderr
