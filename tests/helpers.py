@@ -1,10 +1,13 @@
 """Small configs and state builders shared by the tests."""
 
+import functools
+
 import jax
 import numpy as np
+from flax import nnx
 
 from gptjax import config as config_lib, sharding, train
-from gptjax.model import GPTConfig
+from gptjax.model import GPT, GPTConfig
 
 
 def tiny_config(n_layer=2, n_head=8, n_embd=64, block_size=16, batch_size=8, mesh=(1, 1, 1), **train_overrides):
@@ -40,3 +43,13 @@ def train_byte_level_bpe(directory: str, texts: list[str], vocab_size: int) -> s
                           show_progress=False)
   bpe.save_model(directory)
   return directory
+
+
+@functools.cache
+def tiny_gpt(scan_layers=True):
+  """(graphdef, params) of a 2-layer GPT: width 32, 4 heads, vocab 32, context 16 (cached: eager NNX init takes
+  seconds)."""
+  cfg = GPTConfig(vocab_size=32, n_layer=2, n_head=4, n_embd=32, block_size=16, attention="xla",
+                  scan_layers=scan_layers)
+  graphdef, state = nnx.split(GPT(cfg, nnx.Rngs(0)))
+  return graphdef, nnx.to_pure_dict(state)

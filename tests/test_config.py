@@ -29,6 +29,36 @@ def test_gpt2_small_has_the_real_shape():
   assert config_lib.grad_accum_steps(config, 8) == 4  # 512 / (16 x 8)
 
 
+# The numbers the four configs/gpt2_SIZE.py files hard-coded before configs/gpt2.py: n_layer, n_head, n_embd, peak lr.
+GPT2_SHAPES = {"small": (12, 12, 768, 6e-4), "medium": (24, 16, 1024, 3e-4), "large": (36, 20, 1280, 2.5e-4),
+               "xl": (48, 25, 1600, 2e-4)}
+
+
+@pytest.mark.parametrize("size", GPT2_SHAPES)
+def test_gpt2_sizes_equal_the_old_per_size_files(size):
+  config = runpy.run_path(str(CONFIGS[0].parent / "gpt2.py"))["get_config"](size)
+  assert config == runpy.run_path(str(CONFIGS[0].parent / f"gpt2_{size}.py"))["get_config"]()
+  n_layer, n_head, n_embd, lr = GPT2_SHAPES[size]
+  assert (config.model.n_layer, config.model.n_head, config.model.n_embd) == (n_layer, n_head, n_embd)
+  assert (config.model.block_size, config.model.vocab_size, config.data.vocab_size) == (1024, 50304, 50257)
+  t = config.train
+  assert (t.steps, t.batch_size, t.micro_batch_size, t.warmup_steps, t.weight_decay, t.eval_every) == \
+      (19073, 512, -1, 715, 0.1, 250)
+  assert (t.learning_rate, t.min_learning_rate) == pytest.approx((lr, lr / 10), rel=1e-12)
+  # Only the shape and the learning rate tell the sizes apart.
+  small = runpy.run_path(str(CONFIGS[0].parent / "gpt2_small.py"))["get_config"]()
+  small.model.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+  small.train.update(learning_rate=t.learning_rate, min_learning_rate=t.min_learning_rate)
+  assert config == small
+
+
+def test_gpt2_default_and_unknown_size():
+  get_config = runpy.run_path(str(CONFIGS[0].parent / "gpt2.py"))["get_config"]
+  assert get_config() == get_config("small")
+  with pytest.raises(ConfigError, match=r"configs/gpt2.py:xxl is not a GPT-2 size; use one of small, medium, "):
+    get_config("xxl")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.model.update(n_embd=100, n_head=12), "n_embd=100 is not divisible by model.n_head=12"),
     (lambda c: c.mesh.update(data=3, fsdp=1, tensor=1), "needs 3 devices but 8 are present"),

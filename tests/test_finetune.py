@@ -1,95 +1,19 @@
-"""Fine-tuning: LoRA adapters (identity at init, merge = unmerged math, frozen base), classification data,
-metrics against hand-computed values, and a tiny classifier that learns a separable task."""
+"""Fine-tuning: the LoRA step (frozen base), classification data, metrics against hand-computed values, and a tiny
+classifier that learns a separable task. LoRA's own math: tests/test_lora.py."""
 
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from gptjax.data.tokenizer import CharTokenizer
 from gptjax import config as config_lib
 from gptjax.finetune import classify, lora, tasks, trainer
-from gptjax.model import GPT, GPTConfig
+from tests.helpers import tiny_gpt
 
-L, D, N, C, VOCAB, T = 2, 32, 4, 2, 32, 12
-
-
-@functools.cache
-def _model(scan_layers=True):
-  """(graphdef, params) of a 2-layer GPT of width 32 (cached: eager NNX init takes seconds)."""
-  cfg = GPTConfig(vocab_size=VOCAB, n_layer=L, n_head=N, n_embd=D, block_size=16, attention="xla",
-                  scan_layers=scan_layers)
-  graphdef, state = nnx.split(GPT(cfg, nnx.Rngs(0)))
-  return graphdef, nnx.to_pure_dict(state)
-
-
-def _random_b(adapters, seed=1):
-  """Adapters with B random too, so the low-rank update is not zero."""
-  key = jax.random.key(seed)
-  return {path: {"a": ab["a"], "b": 0.1 * jax.random.normal(jax.random.fold_in(key, i), ab["b"].shape)}
-          for i, (path, ab) in enumerate(sorted(adapters.items()))}
-
-
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_lora_at_init_leaves_outputs_unchanged(scan_layers):
-  graphdef, params = _model(scan_layers)
-  adapters = lora.init_adapters(params, ("qkv", "out", "fc", "proj"), 4, jax.random.key(1))
-  assert len(adapters) == (4 if scan_layers else 4 * L)
-  forward = jax.jit(lambda p: nnx.merge(graphdef, p)(jnp.arange(2 * T).reshape(2, T) % VOCAB))
-  base_h = forward(params)
-  np.testing.assert_array_equal(forward(lora.merge(params, adapters, alpha=8.0, rank=4)), base_h)
-  assert np.abs(forward(lora.merge(params, _random_b(adapters), alpha=8.0, rank=4)) - base_h).max() > 1e-3
-
-
-def test_merged_kernels_equal_the_unmerged_computation():
-  """x through W + s*A@B, contracted as the model contracts each kernel, equals x@W + s*(x@A)@B, per layer."""
-  _, params = _model()
-  rank, alpha = 4, 8.0
-  adapters = _random_b(lora.init_adapters(params, ("qkv", "out", "fc", "proj"), rank, jax.random.key(2)))
-  merged = lora.merge(params, adapters, alpha, rank)
-  x_BD = jax.random.normal(jax.random.key(3), (3, D))
-  h_BF = jax.random.normal(jax.random.key(4), (3, 4 * D))
-  contractions = {  # path: (input, the model's contraction of it with a layer's kernel)
-      "blocks/attn/qkv_kernel": (x_BD, lambda x, w: jnp.einsum("bd,dcnh->bcnh", x, w)),
-      "blocks/attn/out_kernel": (x_BD.reshape(3, N, D // N), lambda x, w: jnp.einsum("bnh,nhd->bd", x, w)),
-      "blocks/mlp/fc/kernel": (x_BD, lambda x, w: x @ w),
-      "blocks/mlp/proj/kernel": (h_BF, lambda x, w: x @ w)}
-  at = lambda tree, path: functools.reduce(lambda node, name: node[name], path.split("/"), tree)
-  for path, (x, contract) in contractions.items():
-    for i in range(L):
-      a_IR, b_RO = adapters[path]["a"][i], adapters[path]["b"][i]
-      unmerged = contract(x, at(params, path)[i]).reshape(3, -1) + alpha / rank * (x.reshape(3, -1) @ a_IR) @ b_RO
-      np.testing.assert_allclose(contract(x, at(merged, path)[i]).reshape(3, -1), unmerged, rtol=1e-5, atol=1e-5,
-                                 err_msg=f"{path} layer {i}")
-
-
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_trainable_parameter_count_matches_hand_computation(scan_layers):
-  _, params = _model(scan_layers)
-  rank = 4
-  adapters = lora.init_adapters(params, ("qkv", "out", "fc", "proj"), rank, jax.random.key(0))
-  # Per layer r * (in + out): qkv D -> 3D, out D -> D, fc D -> 4D, proj 4D -> D.
-  per_layer = rank * ((D + 3 * D) + (D + D) + (D + 4 * D) + (4 * D + D))
-  assert lora.count(adapters) == L * per_layer == 4096
-  head = classify.init_head(D, C, jax.random.key(0))
-  assert lora.count({"lora": adapters, "head": head}) == 4096 + D * C + C
-  only_attention = lora.init_adapters(params, ("qkv", "out"), rank, jax.random.key(0))
-  assert lora.count(only_attention) == L * rank * (4 * D + 2 * D)
-
-
-def test_bad_lora_settings_are_rejected():
-  _, params = _model()
-  with pytest.raises(ValueError, match="subset of"):
-    lora.init_adapters(params, ("qkv", "attn"), 4, jax.random.key(0))
-  with pytest.raises(ValueError, match="rank"):
-    lora.init_adapters(params, ("qkv",), 0, jax.random.key(0))
-  _, unstacked = _model(scan_layers=False)
-  with pytest.raises(ValueError, match="another model layout"):
-    lora.merge(unstacked, lora.init_adapters(params, ("fc",), 2, jax.random.key(0)), 4.0, 2)
+D, C, VOCAB, T = 32, 2, 32, 12  # tiny_gpt's width and vocab; classes, sequence length
 
 
 def _separable_task(n=64, seed=0):
@@ -105,8 +29,8 @@ def _separable_task(n=64, seed=0):
 
 
 def _setup(lora_cfg, learning_rate=3e-3):
-  graphdef, params = _model()
-  params = jax.tree.map(jnp.copy, params)  # full fine-tuning donates them, and _model's are cached
+  graphdef, params = tiny_gpt()
+  params = jax.tree.map(jnp.copy, params)  # full fine-tuning donates them, and tiny_gpt's are cached
   head = classify.init_head(D, C, jax.random.key(5))
   trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(6))
   tx = trainer.make_optimizer(learning_rate)

@@ -21,7 +21,8 @@ from gptjax.finetune import store, tasks, trainer
 from gptjax.model import GPTConfig
 
 CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
-CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+# gpt2.py (small by default) lowers under the names of its four sizes, configs/gpt2_SIZE.py.
+CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "gpt2")
 # The base model a fine-tuning config's checkpoint.init_from (or its docstring: hf:gpt2) names.
 FINETUNE_BASES = {"sst2": "task_pretrain", "conll2003_ner": "task_pretrain", "sft": "gpt2_small"}
 PRETRAINING = [name for name in CONFIGS if name not in FINETUNE_BASES]

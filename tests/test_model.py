@@ -1,4 +1,4 @@
-"""Model pieces against independent references: attention kernels, scan vs loop, remat, FLOPs."""
+"""Model pieces against independent references: scan vs loop, remat, FLOPs (kernels: test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,38 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import attention, config as config_lib, sharding, train
+from gptjax import sharding, train
 from gptjax.model import GPT, GPTConfig, count_params, flops_per_token
 from tests.helpers import build, random_tokens, tiny_config
-
-
-def _reference_attention(q, k, v):
-  T, H = q.shape[1], q.shape[-1]
-  scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
-  scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf)
-  return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
-
-
-# 'pallas' is the TPU splash kernel, here in Pallas interpret mode (CPU).
-@pytest.mark.parametrize("implementation", ["xla", "causal_blocks", "pallas", "auto"])
-@pytest.mark.parametrize("T", [7, 128, 300])
-def test_attention_kernels_equal_the_reference(implementation, T):
-  q, k, v = jax.random.normal(jax.random.key(T), (3, 2, T, 3, 16))
-  np.testing.assert_allclose(attention.causal_attention(q, k, v, implementation), _reference_attention(q, k, v),
-                             atol=2e-5)
-
-
-def test_auto_attention_per_platform_and_pallas_off_tpu_fails_clearly(monkeypatch):
-  for platform, dtype, expected in [("tpu", jnp.float32, "pallas"), ("gpu", jnp.bfloat16, "cudnn"),
-                                    ("cuda", jnp.float16, "cudnn"), ("gpu", jnp.float32, "causal_blocks"),
-                                    ("cpu", jnp.bfloat16, "causal_blocks")]:
-    assert attention.resolve("auto", dtype, platform) == expected
-    # Without a platform: the one this process computes on.
-    monkeypatch.setattr(attention, "device_platform", lambda: platform)
-    assert attention.resolve("auto", dtype) == expected
-  with pytest.raises(config_lib.ConfigError, match="model.attention='pallas' is a TPU kernel and the platform is "
-                     "'cuda': set model.attention"):
-    attention.resolve("pallas", jnp.bfloat16, "cuda")
 
 
 @pytest.mark.devices(8)
@@ -124,24 +95,3 @@ def test_parameter_count_and_flops_of_gpt2_small():
 def test_sequence_longer_than_context_is_rejected():
   with pytest.raises(ValueError, match="exceeds the model's block_size 64"):
     _model()(jnp.zeros((1, 65), jnp.int32))
-
-
-def _reference_cross_entropy(h, wte, targets):
-  import optax
-  logits = jnp.einsum("btd,vd->btv", h.astype(jnp.float32), wte)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
-@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_fused_cross_entropy_and_its_gradients_equal_the_reference(dtype, atol):
-  from gptjax import losses
-  h = jax.random.normal(jax.random.key(0), (2, 5, 16)).astype(dtype)
-  wte = jax.random.normal(jax.random.key(1), (40, 16)) * 0.5
-  targets = jax.random.randint(jax.random.key(2), (2, 5), 0, 40)
-  loss, (dh, dwte) = jax.value_and_grad(losses.lm_cross_entropy, argnums=(0, 1))(h, wte, targets)
-  ref, (ref_dh, ref_dwte) = jax.value_and_grad(_reference_cross_entropy, argnums=(0, 1))(
-      h.astype(jnp.float32), wte, targets)
-  np.testing.assert_allclose(loss, ref, rtol=atol)
-  assert dh.dtype == dtype and dwte.dtype == jnp.float32
-  np.testing.assert_allclose(dh.astype(jnp.float32), ref_dh, atol=atol * 0.1)
-  np.testing.assert_allclose(dwte, ref_dwte, atol=atol * 0.1)
