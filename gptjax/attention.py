@@ -88,7 +88,7 @@ def _compile_probe(kernel: str, qkv: jax.ShapeDtypeStruct, mesh) -> None:
     return causal_attention(q_BTNH, k_BSNH, v_BSNH, kernel).astype(jnp.float32).sum()
   grad = jax.grad(loss, argnums=(0, 1, 2))
   if mesh is not None:
-    spec = sharding.logical_to_spec(("batch", None, "heads", None), qkv.shape, config_lib.DEFAULT_RULES, mesh)
+    spec = _rows_and_heads(qkv.shape, mesh)
     qkv = jax.ShapeDtypeStruct(qkv.shape, qkv.dtype, sharding=NamedSharding(mesh, spec))
     grad = sharding.under_mesh(grad, mesh)
   jax.jit(grad).lower(qkv, qkv, qkv).compile()
@@ -127,10 +127,15 @@ def _splash(q_BTNH, k_BSNH, v_BSNH, interpret: bool):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q_BTNH, k_BSNH, v_BSNH)
-  spec = sharding.logical_to_spec(("batch", None, "heads", None), q_BTNH.shape, config_lib.DEFAULT_RULES, mesh)
+  spec = _rows_and_heads(q_BTNH.shape, mesh)
   # The kernel's pallas_call does not declare how its outputs vary over the mesh: no vma check.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
       q_BTNH, k_BSNH, v_BSNH)
+
+
+def _rows_and_heads(shape_BTNH, mesh):
+  """The spec that splits [B, T, N, H] over batch rows and heads (as the default rules place them)."""
+  return sharding.logical_to_spec(("batch", None, "heads", None), shape_BTNH, config_lib.DEFAULT_RULES, mesh)
 
 
 def _splash_local(q_BTNH, k_BSNH, v_BSNH, interpret: bool):
