@@ -42,7 +42,7 @@ def main(argv):
   # One real step, so the AdamW moments are not all zeros (which would compress to nothing).
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
   tokens = jax.random.randint(jax.random.key(0), (1, 1, 65), 0, vocab)
-  state, _ = step(state, sharding.global_batch(jax.device_get(tokens), sharding.batch_sharding(mesh, 3, 1), 1))
+  state, _ = step(state, sharding.global_batch(jax.device_get(tokens), sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), 1))
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   root = tempfile.mkdtemp(dir=_DIR.value)
   results = {}

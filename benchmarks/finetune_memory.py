@@ -1,53 +1,77 @@
-"""Memory of full fine-tuning vs LoRA for a GPT-2 size, from the compiled step (nothing is run or allocated).
+"""Full fine-tuning vs LoRA on a GPT-2 size: step time and compiled memory, side by side in one run.
 
-  python benchmarks/finetune_memory.py --size=small --batch=8 --seq=1024 --rank=8
+  python benchmarks/finetune_memory.py --size=small --batch=8 --seq=256 --rank=8
 
-Per device, in MiB: trainable state (parameters + AdamW moments), frozen base, and the step's temporaries as
-XLA's memory_analysis reports them, for a classification step (head on the last token) in float32.
+For each shape (--batch x --seq, and 1 x 1024) and each method: the median wall time of a classification step
+(head on the last token, float32, LoRA r on every attention and MLP kernel), and per-device MiB of the trainable
+state (parameters + AdamW moments), the frozen base and the step's temporaries as XLA's memory_analysis reports
+them. Ends with one JSON line; `lora_step_ratio` and `lora_memory_ratio` (LoRA over full) are at --batch x --seq.
 """
 
 import argparse
 
 import jax
+import numpy as np
 from flax import nnx
 
-from common import report
+from common import median, report, time_calls
 from gptjax import config as config_lib
 from gptjax.finetune import classify, lora, trainer
 from gptjax.finetune.run import memory_report
 from gptjax.model import GPT, GPTConfig
 
 
+def measure(graphdef, params, head, lora_cfg, model_cfg, batch: int, seq: int, repeats: int) -> dict:
+  """Memory and median step seconds of one method at one shape."""
+  tx = trainer.make_optimizer(1e-4)
+  trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(0), model_cfg)
+  if lora_cfg is not None:
+    graphdef = nnx.split(nnx.eval_shape(lambda: GPT(lora_cfg.model(model_cfg), nnx.Rngs(0))))[0]
+  state = trainer.new_state(trainable, tx)
+  rng = np.random.default_rng(0)
+  data = {"tokens": rng.integers(0, model_cfg.vocab_size, (batch, seq), dtype=np.int32),
+          "lengths": np.full((batch,), seq, np.int32), "labels": rng.integers(0, 2, (batch,), dtype=np.int32)}
+  step = trainer.make_step(graphdef, tx, classify.loss, lora_cfg)
+  memory = memory_report(step, state, frozen, data)
+  holder = {"state": step(state, frozen, data)[0]}  # compiles
+
+  def one_step():
+    holder["state"], metrics = step(holder["state"], frozen, data)
+    jax.block_until_ready(metrics)
+  seconds = median(time_calls(one_step, repeats))
+  return {**memory, "total_mib": sum(memory.values()), "step_seconds": seconds,
+          "trainable_parameters": lora.count(trainable)}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", default="small", choices=sorted(config_lib.GPT2_SIZES))
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq", type=int, default=1024)
+  parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--rank", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   config = config_lib.gpt2_config(args.size)
   model_cfg = GPTConfig.from_config(config.model, 50304)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
-  params = nnx.to_pure_dict(abstract)
-  head = jax.eval_shape(lambda: classify.init_head(model_cfg.n_embd, 2, jax.random.key(0)))
-  batch = {"tokens": jax.ShapeDtypeStruct((args.batch, args.seq), "int32"),
-           "lengths": jax.ShapeDtypeStruct((args.batch,), "int32"),
-           "labels": jax.ShapeDtypeStruct((args.batch,), "int32")}
-  tx = trainer.make_optimizer(1e-4)
-  rows, result = [], {}
-  for name, lora_cfg in [("full", None), (f"lora_r{args.rank}", trainer.LoraConfig(rank=args.rank))]:
-    trainable, frozen = jax.eval_shape(
-        lambda p, h, c=lora_cfg: trainer.split_trainable(p, h, c, jax.random.key(0)), params, head)
-    state = jax.eval_shape(lambda t: trainer.new_state(t, tx), trainable)
-    memory = memory_report(trainer.make_step(graphdef, tx, classify.loss, lora_cfg), state, frozen, batch)
-    total = sum(memory.values())
-    result[name] = {**memory, "total_mib": total, "trainable_parameters": lora.count(trainable)}
-    rows.append((name, f"trainable {lora.count(trainable):,} params | state {memory['state_mib']:.0f} MiB, frozen "
-                       f"{memory['frozen_mib']:.0f} MiB, temporaries {memory['temp_mib']:.0f} MiB | total "
-                       f"{total:.0f} MiB"))
-  full, low = result["full"]["total_mib"], result[f"lora_r{args.rank}"]["total_mib"]
-  rows.append(("lora / full", f"{low / full:.2f} of the memory"))
-  report(rows, {"size": args.size, "batch": args.batch, "seq": args.seq, **result})
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(GPT(model_cfg, nnx.Rngs(0)))))()
+  del state
+  head = classify.init_head(model_cfg.n_embd, 2, jax.random.key(1))
+  rows, result = [], {"size": args.size, "rank": args.rank, "shapes": {}}
+  for batch, seq in dict.fromkeys([(args.batch, args.seq), (1, 1024)]):
+    shape = result["shapes"][f"{batch}x{seq}"] = {}
+    for name, lora_cfg in [("full", None), ("lora", trainer.LoraConfig(rank=args.rank))]:
+      m = shape[name] = measure(graphdef, params, head, lora_cfg, model_cfg, batch, seq, args.repeats)
+      rows.append((f"{batch}x{seq} {name}", f"step {m['step_seconds']:.3f} s | trainable "
+                   f"{m['trainable_parameters']:,} | state {m['state_mib']:.0f} MiB, frozen {m['frozen_mib']:.0f} "
+                   f"MiB, temporaries {m['temp_mib']:.0f} MiB | total {m['total_mib']:.0f} MiB"))
+    shape["lora_step_ratio"] = shape["lora"]["step_seconds"] / shape["full"]["step_seconds"]
+    shape["lora_memory_ratio"] = shape["lora"]["total_mib"] / shape["full"]["total_mib"]
+    rows.append((f"{batch}x{seq} lora / full", f"step time {shape['lora_step_ratio']:.2f}x, memory "
+                 f"{shape['lora_memory_ratio']:.2f}x"))
+  main_shape = result["shapes"][f"{args.batch}x{args.seq}"]
+  result.update(lora_step_ratio=main_shape["lora_step_ratio"], lora_memory_ratio=main_shape["lora_memory_ratio"])
+  report(rows, result)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def time_ours(config, vocab, batch, seq, steps):
   graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
   tokens = np.random.RandomState(0).randint(0, vocab, (1, batch, seq + 1)).astype(np.int32)
-  tokens = sharding.global_batch(tokens, sharding.batch_sharding(mesh, 3, 1), batch_dim=1)
+  tokens = sharding.global_batch(tokens, sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), batch_dim=1)
   holder = [state]
 
   def one_step():

@@ -54,7 +54,8 @@ def resolve(implementation: str, dtype, platform: str = "") -> str:
   return "cudnn" if platform in ("gpu", "cuda") and half else "causal_blocks"
 
 
-def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh=None) -> str:
+def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh=None,
+           rules=config_lib.DEFAULT_RULES) -> str:
   """The kernel a run uses on this device: `resolve`'s, except that when 'auto' picked a fused kernel that does
   not compile (forward and backward) for one of the run's sequence lengths, 'xla', with one warning.
 
@@ -67,10 +68,10 @@ def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh
     return kernel
   if kernel == "pallas":  # splash pads the sequence: one probe per padded length (with its longest T)
     lengths = {_splash_length(T): T for T in sorted(lengths)}.values()
-  batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in config_lib.batch_axes(rules)]))
   for T in sorted(set(lengths)):
     try:
-      _compile_probe(kernel, jax.ShapeDtypeStruct((batch, T, n_head, head_dim), dtype), mesh)
+      _compile_probe(kernel, jax.ShapeDtypeStruct((batch, T, n_head, head_dim), dtype), mesh, rules)
     except Exception as e:  # Mosaic, Triton and cuDNN reject shapes with various exception types
       error = (str(e).strip().splitlines() or [""])[0][:500].rstrip(".")
       logging.warning("model.attention='auto' picked %s (%r), which does not compile on this %s device for "
@@ -82,15 +83,15 @@ def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh
   return kernel
 
 
-def _compile_probe(kernel: str, qkv: jax.ShapeDtypeStruct, mesh) -> None:
+def _compile_probe(kernel: str, qkv: jax.ShapeDtypeStruct, mesh, rules) -> None:
   """Compiles the kernel's forward and backward pass for this shape, placed as the train step places it."""
   def loss(q_BTNH, k_BSNH, v_BSNH):
     return causal_attention(q_BTNH, k_BSNH, v_BSNH, kernel).astype(jnp.float32).sum()
   grad = jax.grad(loss, argnums=(0, 1, 2))
   if mesh is not None:
-    spec = _rows_and_heads(qkv.shape, mesh)
+    spec = _rows_and_heads(qkv.shape, mesh, rules)
     qkv = jax.ShapeDtypeStruct(qkv.shape, qkv.dtype, sharding=NamedSharding(mesh, spec))
-    grad = sharding.under_mesh(grad, mesh)
+    grad = sharding.under_mesh(grad, mesh, rules)
   jax.jit(grad).lower(qkv, qkv, qkv).compile()
 
 
@@ -122,20 +123,20 @@ def _causal_blocks(q_BTNH, k_BSNH, v_BSNH):
 
 
 def _splash(q_BTNH, k_BSNH, v_BSNH, interpret: bool):
-  """Splash attention, each device over its own batch rows and heads (batch and heads as the default rules)."""
+  """Splash attention, each device over its own batch rows and heads (as the traced step's rules place them)."""
   local = functools.partial(_splash_local, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q_BTNH, k_BSNH, v_BSNH)
-  spec = _rows_and_heads(q_BTNH.shape, mesh)
+  spec = _rows_and_heads(q_BTNH.shape, mesh, sharding.current_rules())
   # The kernel's pallas_call does not declare how its outputs vary over the mesh: no vma check.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
       q_BTNH, k_BSNH, v_BSNH)
 
 
-def _rows_and_heads(shape_BTNH, mesh):
-  """The spec that splits [B, T, N, H] over batch rows and heads (as the default rules place them)."""
-  return sharding.logical_to_spec(("batch", None, "heads", None), shape_BTNH, config_lib.DEFAULT_RULES, mesh)
+def _rows_and_heads(shape_BTNH, mesh, rules):
+  """The spec that splits [B, T, N, H] over batch rows and heads (as `rules` place them)."""
+  return sharding.logical_to_spec(("batch", None, "heads", None), shape_BTNH, rules, mesh)
 
 
 def _splash_local(q_BTNH, k_BSNH, v_BSNH, interpret: bool):

@@ -24,8 +24,6 @@ from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
 EXPORT_MARKER = "export.json"
-# load_model("hf:<directory or hub name>") imports a Hugging Face GPT-2 (gptjax/hf.py).
-HF_PREFIX = "hf:"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -133,11 +131,9 @@ class LoadedModel:
   step: int
 
 
-def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
-  """Loads parameters from a run's workdir (latest or given step), an exported directory, or 'hf:<HF GPT-2>'."""
-  if path.startswith(HF_PREFIX):
-    from gptjax import hf  # pylint: disable=import-outside-toplevel  # here: hf imports this module
-    return hf.import_hf(path[len(HF_PREFIX):], mesh)
+def load_saved(path: str, mesh=None, step: int | None = None) -> LoadedModel:
+  """Loads parameters from a run's workdir (latest or given step) or an exported directory (see also
+  `gptjax.loader.load_model`, which also takes 'hf:')."""
   if paths.path(os.path.join(path, EXPORT_MARKER)).exists():
     return _load_export(path, mesh)
   checkpoints = os.path.join(path, "checkpoints")
@@ -166,13 +162,6 @@ def load_model(path: str, mesh=None, step: int | None = None) -> LoadedModel:
     except Exception as e:
       logging.warning("checkpoint %s/%d cannot be read (%s); trying an older one.", checkpoints, s, e)
   raise CheckpointError(f"no checkpoint in {checkpoints} can be read (tried steps {steps}).")
-
-
-def export(path: str, out_dir: str, dtype: str = "float32", step: int | None = None) -> str:
-  """Writes a parameters-only inference checkpoint (params in `dtype`, config, tokenizer) to out_dir."""
-  loaded = load_model(path, step=step)
-  source = path if path.startswith(HF_PREFIX) else paths.absolute(path)
-  return write_export(out_dir, loaded.params, loaded.config, loaded.tokenizer, loaded.step, dtype, source)
 
 
 def write_export(out_dir: str, params, config, tokenizer, step: int, dtype: str = "float32", source: str = "") -> str:

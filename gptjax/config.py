@@ -4,6 +4,8 @@ Config files in `configs/` start from `default_config()` and change what they ne
 overridden on the command line: `--config.train.steps=100`.
 """
 
+import math
+
 import ml_collections
 
 from gptjax.errors import UserError
@@ -197,10 +199,21 @@ def mesh_shape(config, n_devices: int) -> tuple[int, int, int]:
   return tuple(degrees)
 
 
+def batch_axes(rules) -> tuple[str, ...]:
+  """The mesh axes `rules` split the batch dimension over (logical axis 'batch')."""
+  axes = dict(rules).get("batch") or ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def data_parallel_degree(config, n_devices: int) -> int:
+  """How many ways the config's rules split each batch on its mesh (product of the batch axes' degrees)."""
+  degrees = dict(zip(MESH_AXES, mesh_shape(config, n_devices)))
+  return math.prod(degrees[a] for a in batch_axes(config.mesh.rules))
+
+
 def grad_accum_steps(config, n_devices: int) -> int:
   """Micro-batches per optimizer step: batch_size / (micro_batch_size * data-parallel degree)."""
-  data, fsdp, _ = mesh_shape(config, n_devices)
-  dp = data * fsdp
+  dp = data_parallel_degree(config, n_devices)
   micro = config.train.micro_batch_size
   if micro == -1:
     raise ValueError("train.micro_batch_size=-1 is resolved by gptjax.plan.fit_micro_batch before training.")
@@ -257,13 +270,18 @@ def validate(config, n_devices: int) -> None:
   if t.warmup_steps < 0 or t.learning_rate <= 0 or t.min_learning_rate < 0:
     raise ConfigError("train.warmup_steps, train.learning_rate and train.min_learning_rate must be >= 0 "
                       "(learning_rate > 0).")
-  data, fsdp, _ = mesh_shape(config, n_devices)
-  dp = data * fsdp
+  for name, axes in config.mesh.rules:
+    unknown = set(batch_axes([("batch", axes)])) - set(MESH_AXES)
+    if unknown:
+      raise ConfigError(f"mesh.rules maps {name!r} to {sorted(unknown)}, which are not mesh axes: use names "
+                        f"from {MESH_AXES} (or None to replicate).")
+  dp = data_parallel_degree(config, n_devices)
+  axes = "*".join(f"mesh.{a}" for a in batch_axes(config.mesh.rules)) or "1 (mesh.rules replicate the batch)"
   micro = t.batch_size // max(dp, 1) if t.micro_batch_size in (0, -1) else t.micro_batch_size
   if t.micro_batch_size < -1 or micro <= 0 or t.batch_size % (micro * dp):
     raise ConfigError(
         f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size ({micro}) x the "
-        f"data-parallel degree mesh.data*mesh.fsdp={dp}; pick batch_size as a multiple of {micro * dp}.")
+        f"data-parallel degree {axes}={dp}; pick batch_size as a multiple of {micro * dp}.")
   profile_range(config)
 
 

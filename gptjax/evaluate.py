@@ -86,7 +86,7 @@ def evaluate_texts(params, graphdef, tokenizer, texts: Iterable[str], batch_size
 
 def main(argv):
   del argv
-  from gptjax import checkpoint, data, paths
+  from gptjax import data, loader, paths
   from gptjax.finetune import run as finetune_run, store
   cli.quiet_libraries()
   f = flags.FLAGS
@@ -98,7 +98,7 @@ def main(argv):
     print(f"wrote {out}/report.json and predictions.jsonl")
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
     return
-  loaded = checkpoint.load_model(f.workdir, step=f.step)
+  loaded = loader.load_model(f.workdir, step=f.step)
   texts = [text for path in f.data for text, _ in data.open_corpus(path).documents()]
   result = evaluate_texts(loaded.params, loaded.graphdef, loaded.tokenizer, texts, f.batch_size, progress=True)
   print(f"step {loaded.step} of {f.workdir}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "

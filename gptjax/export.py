@@ -2,7 +2,7 @@
 
   python -m gptjax.export --workdir=runs/small --out=exports/small --dtype=bfloat16 [--step=N]
 
-The export (params in the chosen dtype, config, tokenizer) loads with `gptjax.checkpoint.load_model`, the
+The export (params in the chosen dtype, config, tokenizer) loads with `gptjax.loader.load_model`, the
 sample/evaluate commands and `checkpoint.init_from`.
 """
 
@@ -18,9 +18,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 
 def main(argv):
   del argv
-  from gptjax import checkpoint
+  from gptjax import loader
   cli.quiet_libraries()
-  out = checkpoint.export(_WORKDIR.value, _OUT.value, _DTYPE.value, _STEP.value)
+  out = loader.export(_WORKDIR.value, _OUT.value, _DTYPE.value, _STEP.value)
   print(f"exported {_WORKDIR.value} -> {out} ({_DTYPE.value})")
 
 

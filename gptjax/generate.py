@@ -144,8 +144,7 @@ def cache_sharding(mesh, rules, batch: int, n_head: int, length: int, head_dim: 
 
 def _batch_degree(mesh, rules) -> int:
   """How many ways `rules` split the batch dimension on `mesh`."""
-  axes = dict(rules).get("batch") or ()
-  return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+  return int(np.prod([mesh.shape[a] for a in config_lib.batch_axes(rules)]))
 
 
 def _mesh(params):

@@ -1,6 +1,6 @@
 """Hugging Face GPT-2 <-> gptjax: import a transformers GPT-2 directory (or hub name), export any gptjax model.
 
-  python -m gptjax.hf import --hf=path/to/gpt2 --out=exports/gpt2      # a gptjax export, for load_model/init_from
+  python -m gptjax.hf import --hf=path/to/gpt2 --out=exports/gpt2      # a gptjax export (loader.load_model)
   python -m gptjax.hf export --workdir=runs/small --out=hf/small        # GPT2LMHeadModel.from_pretrained('hf/small')
 
 `checkpoint.init_from='hf:path/to/gpt2'` (or `hf:gpt2` with network access) fine-tunes GPT-2 directly.
@@ -49,6 +49,9 @@ _HEAD = "lm_head.weight"
 _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
                        "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
 _GPT2_FILES = ("vocab.json", "merges.txt")
+
+# How a model name asks for a Hugging Face GPT-2 (gptjax.loader.load_model, checkpoint.init_from).
+HF_PREFIX = "hf:"
 
 
 class HFError(UserError, ValueError):
@@ -284,7 +287,7 @@ def export_hf(path: str, out_dir: str, dtype: str = "float32", step: int | None 
   The vocabulary is cut back to the tokenizer's. GPT-2 BPE tokenizers are written too (vocab.json, merges.txt,
   tokenizer_config.json); other tokenizers have no transformers equivalent, so none is written.
   """
-  loaded = checkpoint.load_model(path, step=step)
+  loaded = import_hf(path[len(HF_PREFIX):]) if path.startswith(HF_PREFIX) else checkpoint.load_saved(path, step=step)
   cfg, tokenizer = loaded.model_cfg, loaded.tokenizer
   if not cfg.bias:
     raise HFError(f"{path}: model.bias=False, but Hugging Face's GPT-2 has a bias in every linear layer and "
@@ -333,8 +336,9 @@ def main(argv):
   f = flags.FLAGS
   command = argv[1] if len(argv) == 2 else None
   if command == "import" and f.hf:
-    out = checkpoint.export(checkpoint.HF_PREFIX + f.hf, f.out, f.dtype)
-    print(f"imported {f.hf} -> {out} ({f.dtype}); load it with checkpoint.load_model or checkpoint.init_from")
+    loaded = import_hf(f.hf)
+    out = checkpoint.write_export(f.out, loaded.params, loaded.config, loaded.tokenizer, 0, f.dtype, HF_PREFIX + f.hf)
+    print(f"imported {f.hf} -> {out} ({f.dtype}); load it with loader.load_model or checkpoint.init_from")
   elif command == "export" and f.workdir:
     out = export_hf(f.workdir, f.out, f.dtype, f.step)
     print(f"exported {f.workdir} -> {out}; transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")

@@ -12,7 +12,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, data, generate, metrics, paths, plan, sharding, train
+from gptjax import checkpoint, config as config_lib, data, generate, loader, metrics, paths, plan, sharding, train
 from gptjax.model import GPTConfig, count_params, flops_per_token
 
 
@@ -110,7 +110,7 @@ def run(config, workdir: str) -> RunInfo:
   source = None
   init_tokenizer = os.path.join(workdir, "init_tokenizer")
   if config.checkpoint.init_from and not mngr.all_steps():
-    source = checkpoint.load_model(config.checkpoint.init_from, mesh)
+    source = loader.load_model(config.checkpoint.init_from, mesh)
     log("initialising from %s (step %d)", config.checkpoint.init_from, source.step)
     if jax.process_index() == 0 and not config.data.tokenizer_path:
       source.tokenizer.save(init_tokenizer)
@@ -121,7 +121,7 @@ def run(config, workdir: str) -> RunInfo:
   prepared = data.prepare(config, workdir)
   vocab = config_lib.check_vocab(config, prepared.tokenizer.vocab_size)
   # 'auto' attention resolved once for this device: a fused kernel that does not compile falls back to 'xla'.
-  model_cfg = GPTConfig.from_config(config.model, vocab).for_device(mesh)
+  model_cfg = GPTConfig.from_config(config.model, vocab).for_device(mesh, rules=config.mesh.rules)
   seq = model_cfg.block_size
   tx = train.make_optimizer(config)
   graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
@@ -181,9 +181,9 @@ def run(config, workdir: str) -> RunInfo:
   final_eval_data = data.eval_batches(prepared.val_path, seq, local_batch, final_batches, jax.process_index(),
                                       jax.process_count())
   train_step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-  eval_step = train.make_eval_step(graphdef, shardings, mesh)
-  batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-  eval_sharding = sharding.batch_sharding(mesh)
+  eval_step = train.make_eval_step(graphdef, config, shardings, mesh)
+  batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules, ndim=3, batch_dim=1)
+  eval_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
 
   def evaluate(params, batches=eval_data) -> float:
     losses = [eval_step(params, sharding.global_batch(b, eval_sharding)) for b in batches]

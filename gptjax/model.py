@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import attention, sharding
+from gptjax import attention, config as config_lib, sharding
+
+# The residual stream [B, T, D] between blocks: split over the batch only (D stays whole on each device).
+ACTIVATION_AXES = ("batch", None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +40,30 @@ class GPTConfig:
   # The platform the model is lowered for ('tpu', 'cuda', 'cpu'; '' = this process's): picks 'auto' attention's
   # kernel and whether splash runs as a Mosaic kernel or interpreted. Not a config field: `gptjax.plan` sets it.
   platform: str = ""
+  # Low-rank adapters on the projections named in adapter_targets (qkv, out, fc, proj), computed in the forward pass
+  # beside the frozen kernels: 'lora' adds (alpha / r)·(x·A)·B, 'adalora' (alpha / r)·((x·P)·Λ)·Q. Not config
+  # fields: fine-tuning sets them from its `lora` section.
+  adapter: str = ""
+  adapter_rank: int = 0
+  adapter_alpha: float = 16.0
+  adapter_targets: tuple[str, ...] = ()
 
   @classmethod
   def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "platform"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "platform", "adapter", "adapter_rank",
+                                                         "adapter_alpha", "adapter_targets"}
     return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields})
 
   @property
   def head_dim(self) -> int:
     return self.n_embd // self.n_head
 
-  def for_device(self, mesh=None, lengths=()) -> "GPTConfig":
+  def for_device(self, mesh=None, lengths=(), rules=config_lib.DEFAULT_RULES) -> "GPTConfig":
     """This config with `attention` resolved once for this device and sequences of `lengths` (default
     block_size): a fused kernel 'auto' picked that does not compile there falls back to 'xla' (attention.choose)."""
     return dataclasses.replace(self, attention=attention.choose(self.attention, self.dtype, self.n_head,
-                                                                self.head_dim, lengths or (self.block_size,), mesh))
+                                                                self.head_dim, lengths or (self.block_size,), mesh,
+                                                                rules))
 
 
 def _normal(std):
@@ -65,6 +77,32 @@ def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def _param(rngs, init, shape, axes):
   return nnx.Param(init(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+class LowRank(nnx.Module):
+  """The adapter of one projection [I, O]: x -> (alpha / r)·(x·A)·B (LoRA; B starts at zero, so the adapted model
+  starts as the base), or (alpha / r)·((x·P)·Λ)·Q (AdaLoRA, as peft: P, Q ~ N(0, 0.02), Λ zeros; a pruned rank
+  has Λ = 0). Replicated: adapters are small."""
+
+  def __init__(self, cfg: GPTConfig, n_in: int, n_out: int, rngs: nnx.Rngs):
+    r = cfg.adapter_rank
+    self.scale = cfg.adapter_alpha / r
+    a_std = 0.02 if cfg.adapter == "adalora" else 1 / math.sqrt(n_in)
+    self.a = _param(rngs, _normal(a_std), (n_in, r), (None, None))
+    b_init = _normal(0.02) if cfg.adapter == "adalora" else nnx.initializers.zeros
+    self.b = _param(rngs, b_init, (r, n_out), (None, None))
+    self.e = _param(rngs, nnx.initializers.zeros, (r,), (None,)) if cfg.adapter == "adalora" else None
+
+  def __call__(self, x_BTI: jax.Array) -> jax.Array:
+    dtype = x_BTI.dtype
+    x_BTR = x_BTI @ (self.scale * self.a[...]).astype(dtype)
+    if self.e is not None:
+      x_BTR = x_BTR * self.e[...].astype(dtype)
+    return x_BTR @ self.b[...].astype(dtype)
+
+
+def _adapter(cfg: GPTConfig, target: str, n_in: int, n_out: int, rngs: nnx.Rngs) -> LowRank | None:
+  return LowRank(cfg, n_in, n_out, rngs) if cfg.adapter and target in cfg.adapter_targets else None
 
 
 class LayerCache(NamedTuple):
@@ -93,6 +131,8 @@ class Attention(nnx.Module):
     if cfg.bias:
       self.qkv_bias = _param(rngs, nnx.initializers.zeros, (3, N, H), (None, "heads", "head_dim"))
       self.out_bias = _param(rngs, nnx.initializers.zeros, (D,), ("embed",))
+    self.qkv_adapter = _adapter(cfg, "qkv", D, 3 * N * H, rngs)
+    self.out_adapter = _adapter(cfg, "out", N * H, D, rngs)
 
   def __call__(self, x_BTD: jax.Array, write: CacheWrite | None = None) -> tuple[jax.Array, LayerCache | None]:
     """(y_BTD, None) causally over x alone; with `write`, over the cache too: (y_BTD, the updated cache)."""
@@ -100,6 +140,8 @@ class Attention(nnx.Module):
     qkv_BT3NH = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.qkv_kernel[...].astype(dtype))
     if self.cfg.bias:
       qkv_BT3NH = qkv_BT3NH + self.qkv_bias[...].astype(dtype)
+    if self.qkv_adapter is not None:
+      qkv_BT3NH = qkv_BT3NH + self.qkv_adapter(x_BTD).reshape(qkv_BT3NH.shape)
     q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
     out_kernel_NHD = self.out_kernel[...].astype(dtype)
     cache = None
@@ -116,6 +158,8 @@ class Attention(nnx.Module):
       y_BTD = jax.lax.dot_general(y_BTNH, out_kernel_NHD, (((2, 3), (0, 1)), ((), ())))
     if self.cfg.bias:
       y_BTD = y_BTD + self.out_bias[...].astype(dtype)
+    if self.out_adapter is not None:
+      y_BTD = y_BTD + self.out_adapter(y_BTNH.reshape(*y_BTNH.shape[:2], -1))
     return y_BTD, cache
 
 
@@ -129,9 +173,16 @@ class MLP(nnx.Module):
                          kernel_metadata={"axes": ("embed", "mlp")}, bias_metadata={"axes": ("mlp",)})
     self.proj = nnx.Linear(F, D, use_bias=cfg.bias, dtype=cfg.dtype, kernel_init=_normal(proj_std), rngs=rngs,
                            kernel_metadata={"axes": ("mlp", "embed")}, bias_metadata={"axes": ("embed",)})
+    self.fc_adapter = _adapter(cfg, "fc", D, F, rngs)
+    self.proj_adapter = _adapter(cfg, "proj", F, D, rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return self.proj(jax.nn.gelu(self.fc(x_BTD), approximate=True))
+    h_BTF = self.fc(x_BTD)
+    if self.fc_adapter is not None:
+      h_BTF = h_BTF + self.fc_adapter(x_BTD)
+    h_BTF = jax.nn.gelu(h_BTF, approximate=True)
+    y_BTD = self.proj(h_BTF)
+    return y_BTD if self.proj_adapter is None else y_BTD + self.proj_adapter(h_BTF)
 
 
 class Block(nnx.Module):
@@ -188,7 +239,7 @@ class GPT(nnx.Module):
     T = tokens_BT.shape[1]
     if T > cfg.block_size:
       raise ValueError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}.")
-    x_BTD = sharding.constrain_batch((self.wte(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype))
+    x_BTD = sharding.constrain((self.wte(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype), ACTIVATION_AXES)
     if dropout_key is not None and cfg.dropout > 0:
       embed_key, dropout_key = jax.random.split(dropout_key)
       x_BTD = self.dropout(x_BTD, rngs=nnx.Rngs(dropout=embed_key))
@@ -197,7 +248,7 @@ class GPT(nnx.Module):
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layer)
 
     def run_block(block, x_BTD, key):
-      return sharding.constrain_batch(block(x_BTD, key)[0])
+      return sharding.constrain(block(x_BTD, key)[0], ACTIVATION_AXES)
     if cfg.remat != "none":
       run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat])
 

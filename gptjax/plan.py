@@ -40,10 +40,10 @@ def device_memory_bytes() -> int:
 def abstract_batch(config, mesh, micro: int = 0) -> jax.ShapeDtypeStruct:
   """The train step's batch [accum, micro * dp, T+1] of tokens, placed as the loop places it (micro-batch: the
   config's by default, 0 = no accumulation)."""
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  dp = config_lib.data_parallel_degree(config, mesh.size)
   micro = micro or config.train.micro_batch_size or config.train.batch_size // dp
   return jax.ShapeDtypeStruct((config.train.batch_size // (micro * dp), micro * dp, config.model.block_size + 1),
-                              np.int32, sharding=sharding.batch_sharding(mesh, 3, 1))
+                              np.int32, sharding=sharding.batch_sharding(mesh, config.mesh.rules, 3, 1))
 
 
 def step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, micro: int) -> int:
@@ -55,7 +55,7 @@ def step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, mic
 
 def fit_micro_batch(config, graphdef, abstract_state, shardings, mesh, tx) -> int:
   """The largest micro-batch (per data-parallel shard, dividing the batch) whose step fits in device memory."""
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  dp = config_lib.data_parallel_degree(config, mesh.size)
   per_shard = config.train.batch_size // dp
   candidates = [m for m in range(per_shard, 0, -1) if per_shard % m == 0]
   budget = HEADROOM * device_memory_bytes()
@@ -93,7 +93,7 @@ def analyze(config, devices) -> dict:
   tx = train.make_optimizer(config)
   graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
   batch = abstract_batch(config, mesh)
-  accum, micro = batch.shape[0], batch.shape[1] // (mesh.shape["data"] * mesh.shape["fsdp"])
+  accum, micro = batch.shape[0], batch.shape[1] // (config_lib.data_parallel_degree(config, mesh.size))
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
   compiled = step.lower(abstract, batch).compile()
   memory = compiled.memory_analysis()

@@ -36,14 +36,14 @@ SEPARATOR = "\n" + "-" * 15 + "\n"
 
 def main(argv):
   del argv
-  from gptjax import checkpoint, generate, paths
+  from gptjax import generate, loader, paths
   cli.quiet_libraries()
   if _PROMPT_FILE.value:
     with paths.open_text(_PROMPT_FILE.value) as f:
       prompts = [line.rstrip("\n") for line in f if line.strip()]
   else:
     prompts = [_PROMPT.value]
-  loaded = checkpoint.load_model(_WORKDIR.value, step=_STEP.value)
+  loaded = loader.load_model(_WORKDIR.value, step=_STEP.value)
   tokenizer = loaded.tokenizer
   sampling = generate.Sampling(0.0 if _GREEDY.value else _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
                                vocab_limit=tokenizer.vocab_size, eos_id=tokenizer.eos_id)

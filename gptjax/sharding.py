@@ -4,6 +4,8 @@ Notation as in the scaling book: W[D_fsdp, F_tensor] means dimension D is split 
 F over `tensor`. Model code names only logical axes; the config's rules decide the strategy.
 """
 
+import contextvars
+
 import jax
 import numpy as np
 from absl import logging
@@ -12,7 +14,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import config as config_lib
 
-BATCH_AXES = ("data", "fsdp")
+# The rules of the step being traced (set by `under_mesh`), for `constrain` deep inside the model.
+_RULES = contextvars.ContextVar("gptjax_rules", default=config_lib.DEFAULT_RULES)
 
 
 def make_mesh(config, devices=None) -> Mesh:
@@ -49,30 +52,40 @@ def state_shardings(abstract_state, rules, mesh: Mesh):
   return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
-  """Tokens [..., B, T]: the batch dimension split over (data, fsdp), the rest replicated."""
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+  """Tokens [..., B, T]: the batch dimension split over the mesh axes `rules` give 'batch', the rest replicated."""
   spec = [None] * ndim
-  spec[batch_dim] = BATCH_AXES
+  spec[batch_dim] = config_lib.batch_axes(rules) or None
   return NamedSharding(mesh, P(*spec))
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-  """Keeps an activation [B, ...] split over the batch axes inside a step traced under `under_mesh`.
+def constrain(x: jax.Array, axes) -> jax.Array:
+  """Pins an activation to its logical `axes` (as the traced step's rules place them) inside `under_mesh`.
 
-  Without it GSPMD may follow the FSDP-sharded weights and split the embedding dimension instead, replicating the
-  batch (measured: 74 GiB instead of ~10 GiB of temporaries per device for GPT-2 small on fsdp=8).
+  The model keeps activations split over the batch this way: without it GSPMD may follow the FSDP-sharded weights
+  and split the embedding dimension instead, replicating the batch (measured: 74 GiB instead of ~10 GiB of
+  temporaries per device for GPT-2 small on fsdp=8).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, current_rules(), mesh))
 
 
-def under_mesh(fn, mesh: Mesh):
-  """fn traced with `mesh` as the context mesh (what constrain_batch reads)."""
+def current_rules():
+  """The rules of the step being traced under `under_mesh` (the defaults outside one)."""
+  return _RULES.get()
+
+
+def under_mesh(fn, mesh: Mesh, rules):
+  """fn traced with `mesh` as the context mesh and `rules` as the rules `constrain` and the kernels read."""
   def wrapped(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args, **kwargs)
+    token = _RULES.set(rules)
+    try:
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args, **kwargs)
+    finally:
+      _RULES.reset(token)
   return wrapped
 
 

@@ -153,15 +153,16 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh):
                "skipped_steps": updated["skipped"], "finite": finite}
     return updated, metrics
 
-  batch_spec = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
-  return jax.jit(sharding.under_mesh(train_step, mesh), in_shardings=(shardings, batch_spec),
+  batch_spec = sharding.batch_sharding(mesh, config.mesh.rules, ndim=3, batch_dim=1)
+  return jax.jit(sharding.under_mesh(train_step, mesh, config.mesh.rules), in_shardings=(shardings, batch_spec),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(graphdef, shardings, mesh: Mesh):
+def make_eval_step(graphdef, config, shardings, mesh: Mesh):
   """jit(eval_step)(params, batch [B, T+1]) -> mean loss, without dropout."""
-  return jax.jit(sharding.under_mesh(functools.partial(_eval_loss, graphdef=graphdef), mesh),
-                 in_shardings=(shardings["params"], sharding.batch_sharding(mesh)),
+  rules = config.mesh.rules
+  return jax.jit(sharding.under_mesh(functools.partial(_eval_loss, graphdef=graphdef), mesh, rules),
+                 in_shardings=(shardings["params"], sharding.batch_sharding(mesh, rules)),
                  out_shardings=sharding.replicated(mesh))
 
 

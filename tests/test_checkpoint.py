@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gptjax import checkpoint, config as config_lib, loop, sharding, train
+from gptjax import checkpoint, config as config_lib, loader, loop, sharding, train
 from gptjax.model import GPTConfig
 from tests.helpers import build, random_tokens, tiny_config
 
@@ -121,7 +121,7 @@ def test_restore_on_another_mesh(tmp_path, target_mesh, n_devices):
   source_config = tiny_config(mesh=(2, 2, 2))
   graphdef, state, shardings, mesh, tx = build(source_config)
   step = train.make_train_step(graphdef, tx, source_config, shardings, mesh)
-  batch = sharding.global_batch(random_tokens((1, 8, 17)), sharding.batch_sharding(mesh, 3, 1), batch_dim=1)
+  batch = sharding.global_batch(random_tokens((1, 8, 17)), sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), batch_dim=1)
   state, _ = step(state, batch)
   saved = jax.device_get(state)
   mngr = checkpoint.manager(str(tmp_path), source_config)
@@ -138,7 +138,7 @@ def test_restore_on_another_mesh(tmp_path, target_mesh, n_devices):
   jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"),
                restored, new_shardings)
   new_step = train.make_train_step(graphdef, tx, config, new_shardings, target)
-  batch = sharding.global_batch(random_tokens((1, 8, 17), seed=1), sharding.batch_sharding(target, 3, 1),
+  batch = sharding.global_batch(random_tokens((1, 8, 17), seed=1), sharding.batch_sharding(target, config_lib.DEFAULT_RULES, 3, 1),
                                 batch_dim=1)
   after, metrics = new_step(restored, batch)
   assert int(after["step"]) == 2 and np.isfinite(float(metrics["train_loss"]))
@@ -147,8 +147,8 @@ def test_restore_on_another_mesh(tmp_path, target_mesh, n_devices):
 def test_export_and_init_from(tmp_path, corpus):
   run = tmp_path / "run"
   loop.run(_quick_config(corpus, steps=4), str(run))
-  loaded = checkpoint.load_model(str(run))
-  exported = checkpoint.load_model(checkpoint.export(str(run), str(tmp_path / "export"), dtype="bfloat16"))
+  loaded = loader.load_model(str(run))
+  exported = loader.load_model(loader.export(str(run), str(tmp_path / "export"), dtype="bfloat16"))
   assert loaded.step == exported.step == 4
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32).astype(jax.numpy.bfloat16),
                                                           b), loaded.params, exported.params)
@@ -160,7 +160,7 @@ def test_export_and_init_from(tmp_path, corpus):
   config.checkpoint.init_from = str(run)
   fine = tmp_path / "fine"
   loop.run(config, str(fine))
-  tuned = checkpoint.load_model(str(fine))
+  tuned = loader.load_model(str(fine))
   assert tuned.step == 1 and tuned.tokenizer.fingerprint == loaded.tokenizer.fingerprint
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned.params, loaded.params)
 
@@ -175,7 +175,7 @@ def test_nonfinite_skip_leaves_the_state_unchanged():
   tokens = random_tokens((1, 8, 17))
   tokens[0, 0, 0] = 0  # the NaN embedding row is read
   before = jax.device_get(poisoned)
-  after, metrics = step(poisoned, sharding.global_batch(tokens, sharding.batch_sharding(mesh, 3, 1), batch_dim=1))
+  after, metrics = step(poisoned, sharding.global_batch(tokens, sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), batch_dim=1))
   assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1 and int(after["step"]) == 1
   after = jax.device_get(after)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after["params"], before["params"])
@@ -186,14 +186,14 @@ def test_nonfinite_stop_saves_the_last_good_state(tmp_path, corpus):
   config = _quick_config(corpus, steps=50, learning_rate=1e12, warmup_steps=0, grad_clip=0.0)
   with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
     loop.run(config, str(tmp_path))
-  loaded = checkpoint.load_model(str(tmp_path))
+  loaded = loader.load_model(str(tmp_path))
   assert 0 < loaded.step < 50
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(loaded.params))
 
 
 def test_load_model_errors(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match="neither a run directory"):
-    checkpoint.load_model(str(tmp_path))
+    loader.load_model(str(tmp_path))
 
 
 def test_async_save_is_not_corrupted_by_the_steps_that_follow(tmp_path):
@@ -201,7 +201,7 @@ def test_async_save_is_not_corrupted_by_the_steps_that_follow(tmp_path):
   config = tiny_config(n_layer=4, n_embd=256)
   graphdef, state, shardings, mesh, tx = build(config, vocab=4096)
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-  batch = sharding.global_batch(random_tokens((1, 8, 17), vocab=4096), sharding.batch_sharding(mesh, 3, 1), 1)
+  batch = sharding.global_batch(random_tokens((1, 8, 17), vocab=4096), sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), 1)
   state, _ = step(state, batch)
   snapshot = jax.tree.map(lambda x: np.array(x, copy=True), state)
   mngr = checkpoint.manager(str(tmp_path), config)

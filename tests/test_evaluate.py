@@ -102,13 +102,13 @@ def run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cli_prints_the_result_as_json_last(run):
-  from gptjax import checkpoint
+  from gptjax import loader
   result = subprocess.run([sys.executable, "-m", "gptjax.evaluate", f"--workdir={run / 'run'}",
                            f"--data={run / 'held_out.txt'}", "--batch_size=4"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   printed = json.loads(result.stdout.strip().splitlines()[-1])
-  loaded = checkpoint.load_model(str(run / "run"))
+  loaded = loader.load_model(str(run / "run"))
   expected = evaluate.evaluate_texts(loaded.params, loaded.graphdef, loaded.tokenizer,
                                      [(run / "held_out.txt").read_text()])
   assert printed["tokens"] == expected["tokens"] and printed["bytes"] == expected["bytes"]
@@ -119,8 +119,8 @@ def test_cli_prints_the_result_as_json_last(run):
 
 @pytest.mark.slow
 def test_sample_cli_streams_the_library_text(run):
-  from gptjax import checkpoint, generate
-  loaded = checkpoint.load_model(str(run / "run"))
+  from gptjax import generate, loader
+  loaded = loader.load_model(str(run / "run"))
   tok = loaded.tokenizer
 
   def sample(*flags):

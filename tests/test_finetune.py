@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gptjax.data.tokenizer import CharTokenizer
 from gptjax import config as config_lib
 from gptjax.finetune import classify, lora, tasks, trainer
+from gptjax.model import GPT
 from tests.helpers import tiny_gpt
 
 D, C, VOCAB, T = 32, 2, 32, 12  # tiny_gpt's width and vocab; classes, sequence length
@@ -32,7 +34,10 @@ def _setup(lora_cfg, learning_rate=3e-3):
   graphdef, params = tiny_gpt()
   params = jax.tree.map(jnp.copy, params)  # full fine-tuning donates them, and tiny_gpt's are cached
   head = classify.init_head(D, C, jax.random.key(5))
-  trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(6))
+  model_cfg = nnx.merge(graphdef, params).cfg
+  trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(6), model_cfg)
+  if lora_cfg is not None:  # the model with the adapters in its forward pass
+    graphdef = nnx.split(nnx.eval_shape(lambda: GPT(lora_cfg.model(model_cfg), nnx.Rngs(0))))[0]
   tx = trainer.make_optimizer(learning_rate)
   return graphdef, params, trainer.new_state(trainable, tx), frozen, tx
 
@@ -50,10 +55,15 @@ def test_lora_step_changes_only_adapters_and_head():
   assert np.isfinite(out["loss"]) and out["grad_norm"] > 0
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen["base"]), base_before)
   assert np.abs(state["trainable"]["head"]["kernel"] - head_before).max() > 0
-  for path, ab in state["trainable"]["lora"].items():
+  adapters = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["trainable"]["lora"])}
+  assert len(adapters) == 8  # A and B of qkv, out, fc and proj (stacked over the layers)
+  for path, leaf in adapters.items():
     # With B = 0 the gradient reaches B only; A moves from the second step on.
-    assert np.abs(ab["b"]).max() > 0, path
-    np.testing.assert_array_equal(ab["a"], a_before["lora"][path]["a"])
+    before = dict(jax.tree_util.tree_leaves_with_path(a_before["lora"]))[path]
+    if path[-1].key == "b":
+      assert np.abs(leaf).max() > 0, path
+    else:
+      np.testing.assert_array_equal(leaf, before)
 
 
 @pytest.mark.parametrize("lora_cfg", [None, trainer.LoraConfig(rank=4, alpha=16.0)], ids=["full", "lora"])

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from helpers import tiny_config
 
-from gptjax import checkpoint
+from gptjax import checkpoint, loader
 from gptjax.data.tokenizer import CharTokenizer
 from gptjax.finetune import ner, run as finetune_run, sft, store, tasks, trainer
 from gptjax.model import GPT, GPTConfig
@@ -167,7 +167,7 @@ def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh):
   again = finetune_run.evaluate_file(str(workdir), str(tmp_path / "dev.txt"), str(tmp_path / "again"))
   assert again == json.loads(json.dumps(report))
   # The merged export is the tuned GPT: same hidden states as base + adapters.
-  merged = checkpoint.load_model(str(workdir / "merged"))
+  merged = loader.load_model(str(workdir / "merged"))
   tokens = ner.encode(tok, ner.read_conll(str(tmp_path / "dev.txt")), report["labels"], 64)["tokens"][:4]
   hidden = lambda graphdef, params: np.asarray(nnx.merge(graphdef, params)(tokens))
   np.testing.assert_allclose(hidden(merged.graphdef, merged.params),

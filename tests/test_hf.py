@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, generate, hf, loop, sharding
+from gptjax import checkpoint, config as config_lib, generate, hf, loader, loop, sharding
 from gptjax.data import tokenizer as tokenizer_lib
 from tests.helpers import random_tokens, train_byte_level_bpe
 
@@ -84,7 +84,7 @@ def test_imported_logits_equal_transformers(hf_models, shape):
   directory, reference = hf_models[shape]
   vocab = reference.config.vocab_size
   assert vocab % 128
-  loaded = checkpoint.load_model(f"hf:{directory}")
+  loaded = loader.load_model(f"hf:{directory}")
   cfg = loaded.model_cfg
   assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (*shape, CONTEXT, 384)
   assert loaded.step == 0 and loaded.tokenizer.vocab_size == vocab
@@ -96,7 +96,7 @@ def test_imported_logits_equal_transformers(hf_models, shape):
 
 def test_greedy_generation_equals_transformers(hf_models):
   directory, reference = hf_models[SHAPES[0]]
-  loaded = checkpoint.load_model(f"hf:{directory}")
+  loaded = loader.load_model(f"hf:{directory}")
   # Prompts of at most 32 tokens (padded to 32) + 30 new tokens fit the context: no window slide, which HF lacks.
   prompts = [loaded.tokenizer.encode(text).tolist()[:32] for text in TEXTS]
   # One batch, left-padded to a common length: each row must still match HF on its prompt alone.
@@ -111,7 +111,7 @@ def test_greedy_generation_equals_transformers(hf_models):
 
 def test_tokenizer_ids_equal_transformers(hf_models, tmp_path):
   directory, _ = hf_models[SHAPES[0]]
-  tok = checkpoint.load_model(f"hf:{directory}").tokenizer
+  tok = loader.load_model(f"hf:{directory}").tokenizer
   reference = transformers.GPT2TokenizerFast.from_pretrained(directory)
   assert (tok.kind, tok.vocab_size, tok.eos_id) == ("gpt2", len(reference), reference.convert_tokens_to_ids(EOS))
   for text in TEXTS + ["".join(TEXTS)]:
@@ -130,7 +130,7 @@ def _state(model) -> dict:
 
 def test_round_trips_are_exact(hf_models, tmp_path):
   directory, reference = hf_models[SHAPES[1]]
-  loaded = checkpoint.load_model(f"hf:{directory}")
+  loaded = loader.load_model(f"hf:{directory}")
   # HF -> gptjax export (command line) -> HF (command line): transformers reads back its own weights bitwise.
   for args in (["import", f"--hf={directory}", f"--out={tmp_path / 'export'}"],
                ["export", f"--workdir={tmp_path / 'export'}", f"--out={tmp_path / 'back'}"]):
@@ -139,7 +139,7 @@ def test_round_trips_are_exact(hf_models, tmp_path):
   assert back.config.architectures == ["GPT2LMHeadModel"]
   jax.tree.map(np.testing.assert_array_equal, _state(back), _state(reference))
   # import(export(x)) == x, tokenizer included.
-  again = checkpoint.load_model(f"hf:{tmp_path / 'back'}")
+  again = loader.load_model(f"hf:{tmp_path / 'back'}")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params), jax.device_get(loaded.params))
   assert again.tokenizer.fingerprint == loaded.tokenizer.fingerprint
   exported_tok = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "back")
@@ -149,7 +149,7 @@ def test_round_trips_are_exact(hf_models, tmp_path):
   bf16 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
   for name, value in bf16.state_dict().items():
     torch.testing.assert_close(value, reference.state_dict()[name].to(torch.bfloat16), rtol=0, atol=0)
-  reread = checkpoint.load_model(f"hf:{tmp_path / 'bf16'}")
+  reread = loader.load_model(f"hf:{tmp_path / 'bf16'}")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b).astype(jax.numpy.bfloat16)
                                                          .astype(np.float32)),
                jax.device_get(reread.params), jax.device_get(loaded.params))
@@ -157,7 +157,7 @@ def test_round_trips_are_exact(hf_models, tmp_path):
 
 def test_other_weight_files_load_the_same(hf_models, tmp_path):
   directory, reference = hf_models[SHAPES[0]]
-  expected = jax.device_get(checkpoint.load_model(f"hf:{directory}").params)
+  expected = jax.device_get(loader.load_model(f"hf:{directory}").params)
   # pytorch_model.bin (old-style names without 'transformer.', the tied head and the attention-mask buffers).
   as_bin = _copy(directory, tmp_path / "bin")
   (as_bin / "model.safetensors").unlink()
@@ -182,8 +182,8 @@ def test_sharded_import_matches_one_device(hf_models):
   c = config_lib.default_config()
   c.mesh.update(data=1, fsdp=4, tensor=2)
   mesh = sharding.make_mesh(c, jax.devices()[:8])
-  sharded = checkpoint.load_model(f"hf:{directory}", mesh)
-  single = checkpoint.load_model(f"hf:{directory}")
+  sharded = loader.load_model(f"hf:{directory}", mesh)
+  single = loader.load_model(f"hf:{directory}")
   fc = sharded.params["blocks"]["mlp"]["fc"]["kernel"]  # [L, D_fsdp, F_tensor]
   assert fc.sharding.mesh.size == 8 and fc.addressable_shards[0].data.shape == (2, 48 // 4, 4 * 48 // 2)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded.params), jax.device_get(single.params))
@@ -194,14 +194,14 @@ def test_hub_names_are_downloaded(hf_models, monkeypatch):
   directory, _ = hf_models[SHAPES[2]]
   calls = []
   monkeypatch.setattr(hub, "snapshot_download", lambda name, allow_patterns: calls.append(name) or directory)
-  assert checkpoint.load_model("hf:someone/gpt2-tiny").model_cfg.n_layer == SHAPES[2][0]
+  assert loader.load_model("hf:someone/gpt2-tiny").model_cfg.n_layer == SHAPES[2][0]
   assert calls == ["someone/gpt2-tiny"]
 
   def offline(name, allow_patterns):
     raise OSError("no network")
   monkeypatch.setattr(hub, "snapshot_download", offline)
   with pytest.raises(hf.HFError, match="cannot be downloaded from the Hugging Face Hub .*no network"):
-    checkpoint.load_model("hf:gpt2")
+    loader.load_model("hf:gpt2")
 
 
 def test_init_from_hf_fine_tunes_and_exports(hf_models, tmp_path):
@@ -216,8 +216,8 @@ def test_init_from_hf_fine_tunes_and_exports(hf_models, tmp_path):
   c.log.update(samples=0, tensorboard=False)
   c.checkpoint.init_from = f"hf:{directory}"
   loop.run(c, str(tmp_path / "run"))
-  tuned = checkpoint.load_model(str(tmp_path / "run"))
-  source = checkpoint.load_model(f"hf:{directory}")
+  tuned = loader.load_model(str(tmp_path / "run"))
+  source = loader.load_model(f"hf:{directory}")
   assert tuned.step == 1 and tuned.tokenizer.fingerprint == source.tokenizer.fingerprint
   delta = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), tuned.params, source.params)
   assert 0 < max(jax.tree.leaves(delta)) < 1e-2  # trained one small step away from GPT-2's weights
@@ -231,9 +231,9 @@ def test_init_from_hf_fine_tunes_and_exports(hf_models, tmp_path):
 
 def test_export_with_another_tokenizer_writes_no_tokenizer_files(hf_models, tmp_path, monkeypatch):
   directory, reference = hf_models[SHAPES[0]]
-  loaded = checkpoint.load_model(f"hf:{directory}")
+  loaded = loader.load_model(f"hf:{directory}")
   chars = tokenizer_lib.CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz .,"])
-  monkeypatch.setattr(checkpoint, "load_model", lambda path, step=None: dataclasses.replace(loaded, tokenizer=chars))
+  monkeypatch.setattr(checkpoint, "load_saved", lambda path, step=None: dataclasses.replace(loaded, tokenizer=chars))
   hf.export_hf("runs/chars", str(tmp_path / "out"))
   assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
   exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
@@ -285,8 +285,8 @@ def test_unknown_tensors_and_bias_free_models_are_refused(hf_models, tmp_path, m
   hf._write_safetensors(str(copy / "model.safetensors"), tensors | {"score.weight": np.zeros((2, 48), np.float32)})
   with pytest.raises(hf.HFError, match=r"does not have: \['score.weight'\]"):
     hf.import_hf(str(copy))
-  loaded = checkpoint.load_model(f"hf:{directory}")
+  loaded = loader.load_model(f"hf:{directory}")
   no_bias = dataclasses.replace(loaded, model_cfg=dataclasses.replace(loaded.model_cfg, bias=False))
-  monkeypatch.setattr(checkpoint, "load_model", lambda path, step=None: no_bias)
+  monkeypatch.setattr(checkpoint, "load_saved", lambda path, step=None: no_bias)
   with pytest.raises(hf.HFError, match="model.bias=False"):
     hf.export_hf("runs/no_bias", str(tmp_path / "out"))

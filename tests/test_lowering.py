@@ -105,7 +105,7 @@ def test_finetune_step_lowers(name, platform, mesh):
   B, T = config.train.batch_size, config.task.max_len or model_cfg.block_size
   row_keys = ROW_KEYS | ({"labels"} if config.task.kind == "classify" else set())
   batch = {k: jax.ShapeDtypeStruct((B,) if k in row_keys else (B, T), np.int32,
-                                   sharding=sharding.batch_sharding(device_mesh, 1 if k in row_keys else 2))
+                                   sharding=sharding.batch_sharding(device_mesh, config_lib.DEFAULT_RULES, 1 if k in row_keys else 2))
            for k in task.batch_keys}
   step = trainer.make_step(graphdef, tx, task.loss, store.lora_config(config), config.train.seed, device_mesh)
   lowered = _lower(name, "fine-tune step", platform, mesh, step, state, {}, batch)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import sharding, train
+from gptjax import config as config_lib, sharding, train
 from gptjax.model import GPT, GPTConfig, count_params, flops_per_token
 from tests.helpers import build, random_tokens, tiny_config
 
@@ -21,7 +21,7 @@ def test_pallas_attention_on_a_mesh_equals_the_default():
     config.model.attention = attention_kind
     graphdef, state, shardings, mesh, tx = build(config)
     step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-    state, metrics = step(state, sharding.global_batch(tokens, sharding.batch_sharding(mesh, 3, 1), batch_dim=1))
+    state, metrics = step(state, sharding.global_batch(tokens, sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), batch_dim=1))
     return float(metrics["train_loss"]), jax.device_get(state["params"])
 
   loss, params = one_step("causal_blocks", (1, 1, 1))

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint
+from gptjax import loader
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--config=configs/quickstart.py", "--config.model.n_layer=1", "--config.model.n_head=2",
@@ -64,8 +64,8 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
   assert sorted(one) == sorted(two) == list(range(1, 13))
   np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], atol=2e-6)
-  final_one = checkpoint.load_model(str(tmp_path / "one")).params
-  final_two = checkpoint.load_model(str(tmp_path / "two")).params
+  final_one = loader.load_model(str(tmp_path / "one")).params
+  final_two = loader.load_model(str(tmp_path / "two")).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final_two, final_one)
 
 

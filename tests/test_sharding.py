@@ -6,14 +6,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gptjax import sharding, train
+from gptjax import config as config_lib, sharding, train
 from tests.helpers import build, random_tokens, tiny_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 1, 2)]
 
 
 def _forward_and_grads(graphdef, params, tokens, mesh):
-  tokens = sharding.global_batch(tokens, sharding.batch_sharding(mesh))
+  tokens = sharding.global_batch(tokens, sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES))
   h = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens[:, :-1])
   loss, grads = jax.jit(jax.value_and_grad(train.loss_fn), static_argnums=1)(params, graphdef, tokens, None)
   return jax.device_get((h, loss, grads))
@@ -47,12 +47,37 @@ def test_sharded_forward_grads_and_step_equal_single_device(reference, mesh_shap
   np.testing.assert_allclose(loss, reference["loss"], atol=1e-5)
   _assert_trees_close(grads, reference["grads"], atol=1e-5)
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-  batch = sharding.global_batch(reference["tokens"][None], sharding.batch_sharding(mesh, 3, 1), batch_dim=1)
+  batch_placement = sharding.batch_sharding(mesh, config.mesh.rules, 3, 1)
+  batch = sharding.global_batch(reference["tokens"][None], batch_placement, batch_dim=1)
   after, metrics = step(state, batch)
   # Adam's first update is ~lr * g / |g|: gradients within 1e-5 but near zero can move by a fraction of lr
   # (1e-3), so parameters get 5e-5; a missing reduction or wrong sharding would be off by ~lr everywhere.
   _assert_trees_close(jax.device_get(after["params"]), reference["after"], atol=5e-5)
   np.testing.assert_allclose(metrics["train_loss"], reference["metrics"]["train_loss"], atol=1e-5)
+
+
+@pytest.mark.devices(8)
+def test_batch_axes_come_from_the_configs_rules(reference):
+  # Batch over `data` only (fsdp shards the weights, every fsdp device sees the same rows).
+  config = tiny_config(mesh=(2, 4, 1))
+  config.mesh.rules = tuple(("batch", "data") if name == "batch" else (name, axes) for name, axes in config.mesh.rules)
+  config.train.batch_size = 8
+  config_lib.validate(config, 8)
+  assert config_lib.data_parallel_degree(config, 8) == 2 and config_lib.grad_accum_steps(config, 8) == 1
+  graphdef, state, shardings, mesh, tx = build(config)
+  placement = sharding.batch_sharding(mesh, config.mesh.rules, 3, 1)
+  assert placement.spec == P(None, "data", None)
+  # The model's residual stream follows the same rules inside a step (sharding.constrain).
+  pin = sharding.under_mesh(lambda x: sharding.constrain(x, ("batch", None, None)), mesh, config.mesh.rules)
+  pinned = jax.jit(pin)(jax.device_put(np.zeros((8, 4, 16), np.float32), sharding.replicated(mesh)))
+  assert pinned.sharding.spec == P("data")
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  after, metrics = step(state, sharding.global_batch(reference["tokens"][None], placement, batch_dim=1))
+  _assert_trees_close(jax.device_get(after["params"]), reference["after"], atol=5e-5)
+  np.testing.assert_allclose(metrics["train_loss"], reference["metrics"]["train_loss"], atol=1e-5)
+  config.mesh.rules = (("batch", "pipeline"),)
+  with pytest.raises(config_lib.ConfigError, match="'pipeline'.*not mesh axes"):
+    config_lib.validate(config, 8)
 
 
 @pytest.mark.devices(8)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import sharding, train
+from gptjax import config as config_lib, sharding, train
 from tests.helpers import build, random_tokens, tiny_config
 
 
@@ -13,7 +13,7 @@ def _run_steps(config, batches):
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
   losses = []
   for batch in batches:
-    state, metrics = step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh, 3, 1), batch_dim=1))
+    state, metrics = step(state, sharding.global_batch(batch, sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), batch_dim=1))
     losses.append(float(metrics["train_loss"]))
   return state, losses
 
@@ -73,7 +73,7 @@ def test_dropout_changes_training_but_not_eval():
   _, dropped = _run_steps(config, [tokens])
   assert abs(plain[0] - dropped[0]) > 1e-3
   graphdef, state, shardings, mesh, _ = build(config)
-  eval_step = train.make_eval_step(graphdef, shardings, mesh)
+  eval_step = train.make_eval_step(graphdef, config, shardings, mesh)
   first = eval_step(state["params"], tokens[0])
   np.testing.assert_allclose(eval_step(state["params"], tokens[0]), first)
   np.testing.assert_allclose(first, plain[0], atol=1e-5)

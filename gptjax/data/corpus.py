@@ -163,25 +163,36 @@ def _parquet_documents(path: str, field: str) -> Iterator[tuple[str, int]]:
         yield text, size * row // rows - size * (row - 1) // rows
 
 
-def parse_hf(spec: str) -> tuple[str, str | None, str]:
-  """(name, config, split) of 'hf:NAME[:CONFIG][@SPLIT]' (split 'train' by default)."""
+def parse_hf(spec: str, setting: str = "data.path") -> tuple[str, str | None, str]:
+  """(name, config, split) of 'hf:NAME[:CONFIG][@SPLIT]' (split 'train' by default); `setting` is the config field
+  that holds `spec`, for errors."""
   rest, _, split = spec[len(HF_PREFIX):].partition("@")
   name, _, config = rest.partition(":")
   if not name:
-    raise DataError(f"data.path={spec!r}: name a dataset, as in 'hf:roneneldan/TinyStories' or "
+    raise DataError(f"{setting}={spec!r}: name a dataset, as in 'hf:roneneldan/TinyStories' or "
                     "'hf:allenai/c4:en@validation'.")
   return name, config or None, split or "train"
 
 
-def _hf_documents(spec: str, field: str) -> Iterator[tuple[str, int]]:
-  """The `field` of each record of a Hugging Face dataset, streamed (nothing is downloaded whole)."""
+def load_hf(spec: str, setting: str = "data.path", streaming: bool = True):
+  """The split of the Hugging Face dataset `spec` names, from `datasets` (imported only here: it is optional)."""
   try:
     import datasets  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise DataError(f"data.path={spec!r} needs the Hugging Face datasets package (and network access): "
+    raise DataError(f"{setting}={spec!r} needs the Hugging Face datasets package (and network access): "
                     "pip install datasets.") from e
-  name, config, split = parse_hf(spec)
-  for i, record in enumerate(datasets.load_dataset(name, config, split=split, streaming=True)):
+  name, config, split = parse_hf(spec, setting)
+  try:
+    return datasets.load_dataset(name, config, split=split, streaming=streaming)
+  except Exception as e:  # pylint: disable=broad-except  # datasets' errors are many; each gets the same fix
+    raise DataError(f"{setting}={spec!r}: the Hugging Face dataset {name!r} (config {config}, split {split!r}) "
+                    f"does not load ({type(e).__name__}: {str(e).strip()[:300]}); check the name, config and split "
+                    f"on https://huggingface.co/datasets/{name}, and the network.") from e
+
+
+def _hf_documents(spec: str, field: str) -> Iterator[tuple[str, int]]:
+  """The `field` of each record of a Hugging Face dataset, streamed (nothing is downloaded whole)."""
+  for i, record in enumerate(load_hf(spec)):
     text = _text_field(record, field, f"{spec} record {i}")
     yield text, len(text)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from gptjax import paths
 from gptjax.errors import UserError
+from gptjax.finetune import hub
 
 
 # Column names tried, in order, when the caller names no text column (SST-2's is 'sentence').
@@ -34,7 +35,11 @@ class Example:
 
 
 def _rows(path: str):
-  """(line number, {column: value}) of a .tsv, .csv or .jsonl file; TSV/CSV have a header row."""
+  """(where, {column: value}) of a .tsv, .csv or .jsonl file ('file:line'; TSV/CSV have a header row) or of a
+  Hugging Face dataset ('hf:NAME@SPLIT:ROW')."""
+  if hub.is_hf(path):
+    yield from hub.rows(path)
+    return
   suffix = os.path.splitext(path)[1].lower()
   with paths.open_text(path, newline="") as f:
     if suffix == ".jsonl":
@@ -47,7 +52,7 @@ def _rows(path: str):
           if not isinstance(row, dict):
             raise ClassifyDataError(f"{path}:{line_no}: a JSON {type(row).__name__}, not an object; write one "
                                     '{"text": ..., "label": ...} object per line.')
-          yield line_no, row
+          yield f"{path}:{line_no}", row
     elif suffix in (".tsv", ".csv"):
       # TSV is split on tabs only: SST-2's texts contain unbalanced quotes that csv quoting would swallow.
       if suffix == ".tsv":
@@ -64,20 +69,21 @@ def _rows(path: str):
           if len(values) != len(header):
             raise ClassifyDataError(f"{path}:{line_no}: {len(values)} columns, the header has {len(header)} "
                                     f"({header}); quote or remove the stray separators.")
-          yield line_no, dict(zip(header, values))
+          yield f"{path}:{line_no}", dict(zip(header, values))
     else:
-      raise ClassifyDataError(f"{path}: unknown format {suffix!r}; use a .tsv, .csv or .jsonl file.")
+      raise ClassifyDataError(f"{path}: unknown format {suffix!r}; use a .tsv, .csv or .jsonl file, or an "
+                              "'hf:NAME[:CONFIG][@SPLIT]' dataset.")
 
 
 def read_examples(path: str, text_field: str | None = None, label_field: str = "label") -> list[Example]:
-  """The labelled texts of a TSV/CSV/JSONL file; a missing column or an empty text is an error naming file:line."""
+  """The labelled texts of a TSV/CSV/JSONL file or an 'hf:' dataset; a bad row is an error naming where it is."""
   examples = []
-  for line_no, row in _rows(path):
-    where = f"{path}:{line_no}"
+  for where, row in _rows(path):
     field = text_field or next((name for name in TEXT_FIELDS if name in row), None)
     if field not in row or label_field not in row:
       raise ClassifyDataError(f"{where}: needs a text column ({text_field or ' or '.join(TEXT_FIELDS)}) and a "
-                              f"label column ({label_field}); found {sorted(row)}. Pass text_field/label_field.")
+                              f"label column ({label_field}); found {sorted(row)}. Set "
+                              "task.text_field/label_field.")
     text, label = row[field], str(row[label_field]).strip()
     if not isinstance(text, str) or not text.strip():
       raise ClassifyDataError(f"{where}: the text is empty (or not a string); remove the line or give it text.")

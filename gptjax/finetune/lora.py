@@ -1,83 +1,106 @@
-"""LoRA: low-rank adapters on the attention and MLP projections, kept apart from the frozen base parameters.
+"""Low-rank adapters as trainable parameters beside a frozen base, and merging them into the base for export.
 
-An adapter for a kernel W viewed as a matrix [in, out] is a pair A [in, r], B [r, out]; the model runs with
-W + (alpha / r) * A @ B reshaped to W's shape (`merge`), so the unchanged GPT serves both LoRA training and the
-merged export. B starts at zero: at init the adapted model is exactly the base model. Scanned models stack
-their kernels on a leading layer axis; their adapters do too (A [L, in, r], B [L, r, out]), one per layer.
+The model computes the adapters in its forward pass (`gptjax.model.LowRank`, enabled by GPTConfig.adapter*):
+autodiff then never forms a gradient for a frozen kernel, and no merged kernel exists during training. The
+adapters live in the model's parameter tree next to their kernel (`attn/qkv_adapter/{a, b[, e]}` beside
+`attn/qkv_kernel`); this module splits that tree into (adapters, base), joins it again, and folds the adapters into
+the kernels (`merge`) when a merged model is written. Scanned models stack adapters on the layer axis too.
 """
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-# Target name -> (path suffix of its kernel, how many leading kernel dims are inputs, the kernel's ndim per layer).
-# qkv [D, 3, N, H] and out [N, H, D] are einsum kernels; fc [D, F] and proj [F, D] are nnx.Linear kernels.
+# Target name -> (the adapter's key, the path of its kernel from the same module). Einsum kernels (qkv [D, 3, N, H],
+# out [N, H, D]) are seen as matrices [inputs, outputs] in storage order, as the model's adapters see them.
 TARGETS = {
-    "qkv": (("attn", "qkv_kernel"), 1, 4),
-    "out": (("attn", "out_kernel"), 2, 3),
-    "fc": (("mlp", "fc", "kernel"), 1, 2),
-    "proj": (("mlp", "proj", "kernel"), 1, 2),
+    "qkv": ("qkv_adapter", ("qkv_kernel",)),
+    "out": ("out_adapter", ("out_kernel",)),
+    "fc": ("fc_adapter", ("fc", "kernel")),
+    "proj": ("proj_adapter", ("proj", "kernel")),
 }
+METHODS = ("lora", "adalora")
 
 
-def _names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", k)) for k in path)
-
-
-def _target(names: tuple[str, ...], targets) -> tuple[int, int] | None:
-  """(input dims, per-layer ndim) when the kernel at `names` is one of `targets`, else None."""
-  for name in targets:
-    suffix, in_dims, ndim = TARGETS[name]
-    if names[-len(suffix):] == suffix:
-      return in_dims, ndim
-  return None
-
-
-def _split_shape(shape, in_dims: int, ndim: int) -> tuple[tuple, int, int]:
-  """(leading layer dims, rows, cols) of a kernel seen as a batch of [in, out] matrices."""
-  lead = len(shape) - ndim
-  return tuple(shape[:lead]), math.prod(shape[lead:lead + in_dims]), math.prod(shape[lead + in_dims:])
-
-
-def init_adapters(params, targets, rank: int, key: jax.Array) -> dict:
-  """{kernel path: {'a': [..., in, r] normal / sqrt(in), 'b': [..., r, out] zeros}} for every targeted kernel."""
+def check(targets, rank: int, method: str = "lora") -> None:
+  """ValueError naming the bad setting and the fix."""
   unknown = sorted(set(targets) - set(TARGETS))
   if unknown or not targets:
     raise ValueError(f"LoRA targets {list(targets)} must be a non-empty subset of {list(TARGETS)}; "
                      f"{unknown or 'none'} are not.")
   if rank < 1:
     raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
-  adapters = {}
-  for path, kernel in jax.tree_util.tree_leaves_with_path(params):
-    names = _names(path)
-    found = _target(names, targets)
-    if found is None:
+  if method not in METHODS:
+    raise ValueError(f"lora.method={method!r}: use one of {METHODS}.")
+
+
+def with_adapters(model_cfg, method: str, rank: int, alpha: float, targets):
+  """The model config with adapters of `rank` on `targets` (validated)."""
+  check(targets, rank, method)
+  return dataclasses.replace(model_cfg, adapter=method, adapter_rank=rank, adapter_alpha=alpha,
+                             adapter_targets=tuple(targets))
+
+
+def _is_adapter(key) -> bool:
+  return str(key).endswith("_adapter")
+
+
+def partition(params: dict) -> tuple[dict, dict]:
+  """(adapters, base): the parameter tree split into two trees of the same nesting, adapters on one side."""
+  adapters, base = {}, {}
+  for key, value in params.items():
+    if _is_adapter(key):
+      adapters[key] = value
+    elif isinstance(value, dict):
+      inner_adapters, base[key] = partition(value)
+      if inner_adapters:
+        adapters[key] = inner_adapters
+    else:
+      base[key] = value
+  return adapters, base
+
+
+def combine(base: dict, adapters: dict) -> dict:
+  """The full parameter tree from `partition`'s two halves."""
+  out = dict(base)
+  for key, value in adapters.items():
+    out[key] = combine(base[key], value) if key in base and not _is_adapter(key) else value
+  return out
+
+
+def init_adapters(model_cfg, key: jax.Array) -> dict:
+  """Fresh adapters for a model config with adapters (the base parameters are traced away, never allocated)."""
+  from gptjax.model import GPT  # pylint: disable=import-outside-toplevel  # finetune sits above the model
+  return jax.jit(lambda k: partition(nnx.to_pure_dict(nnx.state(GPT(model_cfg, nnx.Rngs(k)))))[0])(key)
+
+
+def delta(adapter: dict, scale: float) -> jax.Array:
+  """The dense update scale·A·B (AdaLoRA: scale·P·diag(Λ)·Q), [..., in, out]."""
+  a = adapter["a"] * adapter["e"][..., None, :] if "e" in adapter else adapter["a"]
+  return scale * jnp.matmul(a, adapter["b"])
+
+
+def merge(params: dict, scale: float) -> dict:
+  """A tree with adapters (e.g. `combine`'s) as a plain GPT tree: each kernel W + delta, the adapters dropped."""
+  out = {}
+  for key, value in params.items():
+    if _is_adapter(key) or not isinstance(value, dict):
+      if not _is_adapter(key):
+        out[key] = value
       continue
-    lead, rows, cols = _split_shape(kernel.shape, *found)
-    a_key = jax.random.fold_in(key, len(adapters))
-    adapters["/".join(names)] = {
-        "a": jax.random.normal(a_key, lead + (rows, rank), jnp.float32) / math.sqrt(rows),
-        "b": jnp.zeros(lead + (rank, cols), jnp.float32)}
-  return adapters
-
-
-def merge(params, adapters: dict, alpha: float, rank: int):
-  """The base params with W + (alpha / rank) * A @ B in place of every adapted kernel (params is not changed)."""
-  scale = alpha / rank
-
-  def merged(path, kernel):
-    adapter = adapters.get("/".join(_names(path)))
-    if adapter is None:
-      return kernel
-    delta = scale * jnp.matmul(adapter["a"], adapter["b"])
-    return kernel + delta.reshape(kernel.shape).astype(kernel.dtype)
-
-  missing = set(adapters) - {"/".join(_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
-  if missing:
-    raise ValueError(f"adapters for {sorted(missing)} have no kernel in these params: they were made for another "
-                     "model layout (scan_layers or n_layer differ); init_adapters on these params.")
-  return jax.tree_util.tree_map_with_path(merged, params)
+    out[key] = merge(value, scale)
+  for adapter_key, kernel_path in TARGETS.values():
+    if adapter_key not in params:
+      continue
+    holder = out
+    for k in kernel_path[:-1]:
+      holder[k] = dict(holder[k])
+      holder = holder[k]
+    kernel = holder[kernel_path[-1]]
+    holder[kernel_path[-1]] = kernel + delta(params[adapter_key], scale).reshape(kernel.shape).astype(kernel.dtype)
+  return out
 
 
 def count(tree) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 
 from gptjax import paths
 from gptjax.errors import UserError
-from gptjax.finetune import classify
+from gptjax.finetune import classify, hub
 
 _TAG = re.compile(r"^(O|[BI]-\S+)$")
 IGNORE = -1  # label of positions that are not scored (later subwords, the first copy, padding)
@@ -34,12 +34,20 @@ class Sentence:
   where: str
 
 
-def read_conll(path: str) -> list[Sentence]:
-  """Sentences of a CoNLL file: one 'WORD [other columns] TAG' line per word, blank lines between sentences.
+def read_conll(path: str, words_field: str = "tokens", tags_field: str = "ner_tags") -> list[Sentence]:
+  """Sentences of a CoNLL file or of an 'hf:' dataset (a row per sentence: a list of words, a list of BIO tags)."""
+  sentences = list(_dataset_sentences(path, words_field, tags_field) if hub.is_hf(path) else _file_sentences(path))
+  if not sentences:
+    raise ConllError(f"{path}: holds no sentences; it needs 'WORD TAG' lines (a file) or rows with words (a dataset).")
+  return sentences
+
+
+def _file_sentences(path: str):
+  """One 'WORD [other columns] TAG' line per word, blank lines between sentences.
 
   -DOCSTART- lines are skipped; the tag is the last column and must be BIO ('O', 'B-TYPE' or 'I-TYPE').
   """
-  sentences, words, tags, start = [], [], [], 0
+  words, tags, start = [], [], 0
   with paths.open_text(path) as f:
     for line_no, line in enumerate(f, 1):
       columns = line.split()
@@ -47,7 +55,7 @@ def read_conll(path: str) -> list[Sentence]:
         continue
       if not columns:
         if words:
-          sentences.append(Sentence(tuple(words), tuple(tags), f"{path}:{start}"))
+          yield Sentence(tuple(words), tuple(tags), f"{path}:{start}")
         words, tags = [], []
         continue
       if len(columns) < 2:
@@ -60,10 +68,28 @@ def read_conll(path: str) -> list[Sentence]:
       words.append(columns[0])
       tags.append(columns[-1])
   if words:
-    sentences.append(Sentence(tuple(words), tuple(tags), f"{path}:{start}"))
-  if not sentences:
-    raise ConllError(f"{path}: holds no sentences; it needs 'WORD TAG' lines.")
-  return sentences
+    yield Sentence(tuple(words), tuple(tags), f"{path}:{start}")
+
+
+def _dataset_sentences(spec: str, words_field: str, tags_field: str):
+  """A sentence per row: the row's `words_field` (words) and `tags_field` (BIO tags, or their ClassLabel ids)."""
+  for where, row in hub.rows(spec):
+    if words_field not in row or tags_field not in row:
+      raise ConllError(f"{where}: needs a words column ({words_field!r}) and a tags column ({tags_field!r}); found "
+                       f"{sorted(row)}. Set task.words_field/tags_field.")
+    words, tags = row[words_field], row[tags_field]
+    if not (isinstance(words, (list, tuple)) and isinstance(tags, (list, tuple)) and len(words) == len(tags)):
+      raise ConllError(f"{where}: {words_field!r} and {tags_field!r} must be lists of equal length (a tag per "
+                       f"word); found {words!r} and {tags!r}. Set task.words_field/tags_field.")
+    if not words or words[0] == "-DOCSTART-":
+      continue
+    bad = next((t for t in tags if not isinstance(t, str) or not _TAG.match(t)), None)
+    if bad is not None:
+      raise ConllError(f"{where}: tag {bad!r} is not BIO ('O', 'B-TYPE' or 'I-TYPE'); task.tags_field="
+                       f"{tags_field!r} must name a column of BIO tags (or of their ids, with ClassLabel names).")
+    if not all(isinstance(w, str) and w.strip() for w in words):
+      raise ConllError(f"{where}: {words_field!r} holds an empty or non-string word; fix the row.")
+    yield Sentence(tuple(words), tuple(tags), where)
 
 
 def label_vocab(sentences: list[Sentence]) -> list[str]:

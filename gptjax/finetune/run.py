@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, generate, metrics, paths, sharding, train
+from gptjax import checkpoint, config as config_lib, generate, loader, metrics, paths, sharding, train
 from gptjax.config import ConfigError
 from gptjax.finetune import lora, sft, store, tasks, trainer
 from gptjax.loop import StopFlag, log
@@ -32,7 +32,7 @@ def run(config, workdir: str) -> dict:
   if jax.process_count() > 1:
     raise ConfigError("fine-tuning runs in one process (any number of local devices); multi-host fine-tuning is "
                       "not supported yet: run it on one host.")
-  dp = np.prod(config_lib.mesh_shape(config, jax.device_count())[:2])
+  dp = config_lib.data_parallel_degree(config, jax.device_count())
   for field, value in (("train.batch_size", config.train.batch_size),
                        ("task.eval_batch_size", config.task.eval_batch_size)):
     if value % dp:
@@ -40,7 +40,7 @@ def run(config, workdir: str) -> dict:
   paths.makedirs(workdir)
   task = tasks.make_task(config.task)
   mesh = sharding.make_mesh(config)
-  base = checkpoint.load_model(config.checkpoint.init_from, mesh)
+  base = loader.load_model(config.checkpoint.init_from, mesh)
   tokenizer, model_cfg = base.tokenizer, base.model_cfg
   max_len = config.task.max_len or model_cfg.block_size
   if max_len > model_cfg.block_size:
@@ -48,7 +48,7 @@ def run(config, workdir: str) -> dict:
                       "lower it (0 = block_size).")
   # 'auto' attention resolved once for this device and every batch length: a fused kernel that does not compile
   # falls back to 'xla'.
-  model_cfg = model_cfg.for_device(mesh, trainer.bucket_lengths(max_len))
+  model_cfg = model_cfg.for_device(mesh, trainer.bucket_lengths(max_len), config.mesh.rules)
   log("base: %s (step %d) | %s parameters, context %d, tokenizer %s | attention %s", config.checkpoint.init_from,
       base.step, metrics.format_count(sum(x.size for x in jax.tree.leaves(base.params))), model_cfg.block_size,
       tokenizer.kind, model_cfg.attention)
@@ -66,7 +66,7 @@ def run(config, workdir: str) -> dict:
   t = config.train
   init_key, adapter_key = jax.random.split(jax.random.key(t.seed))
   head = task.init_head(model_cfg.n_embd, len(labels), init_key)
-  trainable, frozen = trainer.split_trainable(base.params, head, lora_cfg, adapter_key)
+  trainable, frozen = trainer.split_trainable(base.params, head, lora_cfg, adapter_key, model_cfg)
   # The head and adapters are small: replicated on the mesh (the base keeps its sharding).
   trainable = {k: v if k == "base" else jax.device_put(v, sharding.replicated(mesh)) for k, v in trainable.items()}
 
@@ -78,9 +78,11 @@ def run(config, workdir: str) -> dict:
   tx = trainer.make_optimizer(schedule, t.weight_decay, t.grad_clip, t.b1, t.b2)
   state = trainer.new_state(trainable, tx)
   dropout = config.task.dropout if config.task.dropout >= 0 else model_cfg.dropout
-  step_fn = trainer.make_step(store.graphdef_of(model_cfg, dropout), tx, task.loss, lora_cfg, t.seed, mesh)
-  predict = trainer.make_predict(store.graphdef_of(model_cfg), task.loss, lora_cfg, mesh)
-  place = lambda batch: {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  run_cfg = model_cfg if lora_cfg is None else lora_cfg.model(model_cfg)  # with the adapters in the forward pass
+  step_fn = trainer.make_step(store.graphdef_of(run_cfg, dropout), tx, task.loss, lora_cfg, t.seed, mesh,
+                              config.mesh.rules)
+  predict = trainer.make_predict(store.graphdef_of(run_cfg), task.loss, lora_cfg, mesh, config.mesh.rules)
+  place = lambda batch: {k: jax.device_put(v, sharding.batch_sharding(mesh, config.mesh.rules, v.ndim)) for k, v in batch.items()}
 
   n_trainable, n_base = lora.count(state["trainable"]), lora.count(base.params)
   memory = memory_report(step_fn, state, frozen, place(trainer.take(train_data, np.arange(t.batch_size) %
@@ -136,7 +138,7 @@ def run(config, workdir: str) -> dict:
   train_seconds = time.perf_counter() - loop_start - eval_seconds
   bar.close()
 
-  params = trainer.model_params(state["trainable"], frozen, lora_cfg)
+  params = trainer.merged_params(state["trainable"], frozen, lora_cfg)
   if config.task.kind == "sft" and config.task.generate:
     prompts = [sft.prompt_text(c.turns[:-1]) for c in eval_examples[:config.task.generate]]
     responses = generate.generate_text(params, store.graphdef_of(model_cfg), tokenizer, prompts,

@@ -21,6 +21,7 @@ import numpy as np
 
 from gptjax import losses, paths
 from gptjax.errors import UserError
+from gptjax.finetune import hub
 
 ROLES = ("system", "user", "assistant")
 
@@ -48,8 +49,34 @@ def prompt_text(turns) -> str:
 
 def read_conversations(path: str, prompt_field: str = "prompt", response_field: str = "response",
                        messages_field: str = "messages") -> list[Conversation]:
-  """The conversations of a JSONL file; malformed rows are errors naming file:line."""
+  """The conversations of a JSONL file or an 'hf:' dataset; a malformed row is an error naming where it is."""
   conversations = []
+  for where, row in hub.rows(path) if hub.is_hf(path) else _json_rows(path):
+    if row.get(messages_field) is not None:  # a dataset's rows have every column: None where a row has no chat
+      messages = row[messages_field]
+      if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise SftDataError(f"{where}: {messages_field!r} must be a list of {{'role', 'content'}} objects.")
+      turns = tuple((m.get("role"), m.get("content")) for m in messages)
+    elif prompt_field in row and response_field in row:
+      turns = (("user", row[prompt_field]), ("assistant", row[response_field]))
+    else:
+      raise SftDataError(f"{where}: needs {prompt_field!r} and {response_field!r}, or {messages_field!r}; found "
+                         f"{sorted(row)}. Set task.prompt_field/response_field/messages_field.")
+    for role, content in turns:
+      if role not in ROLES:
+        raise SftDataError(f"{where}: role {role!r} is not one of {ROLES}.")
+      if not isinstance(content, str) or not content.strip():
+        raise SftDataError(f"{where}: a {role} turn has empty (or non-string) content; give it text.")
+    if not turns or turns[-1][0] != "assistant":
+      raise SftDataError(f"{where}: the last turn must be the assistant's (the response to learn).")
+    conversations.append(Conversation(turns, where))
+  if not conversations:
+    raise SftDataError(f"{path}: holds no conversations.")
+  return conversations
+
+
+def _json_rows(path: str):
+  """('file:line', object) of each non-blank line of a JSONL file."""
   with paths.open_text(path) as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
@@ -61,27 +88,7 @@ def read_conversations(path: str, prompt_field: str = "prompt", response_field: 
         raise SftDataError(f"{where}: not valid JSON ({e}); each line must be one object.") from e
       if not isinstance(row, dict):
         raise SftDataError(f"{where}: a JSON {type(row).__name__}, not an object.")
-      if messages_field in row:
-        messages = row[messages_field]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-          raise SftDataError(f"{where}: {messages_field!r} must be a list of {{'role', 'content'}} objects.")
-        turns = tuple((m.get("role"), m.get("content")) for m in messages)
-      elif prompt_field in row and response_field in row:
-        turns = (("user", row[prompt_field]), ("assistant", row[response_field]))
-      else:
-        raise SftDataError(f"{where}: needs {prompt_field!r} and {response_field!r}, or {messages_field!r}; found "
-                           f"{sorted(row)}. Set task.prompt_field/response_field/messages_field.")
-      for role, content in turns:
-        if role not in ROLES:
-          raise SftDataError(f"{where}: role {role!r} is not one of {ROLES}.")
-        if not isinstance(content, str) or not content.strip():
-          raise SftDataError(f"{where}: a {role} turn has empty (or non-string) content; give it text.")
-      if not turns or turns[-1][0] != "assistant":
-        raise SftDataError(f"{where}: the last turn must be the assistant's (the response to learn).")
-      conversations.append(Conversation(turns, where))
-  if not conversations:
-    raise SftDataError(f"{path}: holds no conversations.")
-  return conversations
+      yield where, row
 
 
 def encode(tokenizer, conversations: list[Conversation], max_len: int) -> dict:

@@ -16,7 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from gptjax import checkpoint, config as config_lib, paths, sharding
+from gptjax import checkpoint, config as config_lib, loader, paths, sharding
 from gptjax.finetune import lora, tasks, trainer
 from gptjax.model import GPT, GPTConfig
 
@@ -42,7 +42,8 @@ def lora_config(config) -> trainer.LoraConfig | None:
   if config.lora.rank == 0:
     return None
   targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
-  return trainer.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=targets)
+  return trainer.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=targets,
+                            method=config.lora.get("method", "lora"))
 
 
 def save(out_dir: str, config, base_config, labels: list[str], trainable: dict, tokenizer, step: int) -> str:
@@ -91,21 +92,21 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
   if lora_cfg is None:
     frozen, target = {}, {"base": params_target, "head": head_target}
   else:
-    loaded = checkpoint.load_model(base or config.checkpoint.init_from, mesh)
+    loaded = loader.load_model(base or config.checkpoint.init_from, mesh)
     if loaded.tokenizer.fingerprint != tokenizer.fingerprint:
       raise config_lib.ConfigError(f"the base model {base or config.checkpoint.init_from!r} has tokenizer "
                                    f"{loaded.tokenizer.fingerprint}, the adapters in {directory} were trained with "
                                    f"{tokenizer.fingerprint}; load them onto the model they were trained from.")
     frozen = {"base": loaded.params}
-    adapters = jax.eval_shape(lambda: lora.init_adapters(loaded.params, lora_cfg.targets, lora_cfg.rank,
-                                                         jax.random.key(0)))
+    adapters = jax.eval_shape(lambda: lora.init_adapters(lora_cfg.model(model_cfg), jax.random.key(0)))
     target = {"lora": place(adapters), "head": head_target}
   try:
     trainable = ocp.StandardCheckpointer().restore(os.path.join(paths.absolute(directory), "trainable"), target)
   except Exception as e:  # Orbax raises many types for missing or corrupt files
     raise checkpoint.CheckpointError(f"{directory}/trainable cannot be read ({type(e).__name__}: {str(e)[:300]});"
                                      " fine-tune again or restore the directory.") from e
-  return FineTuned(config, base_config, meta["labels"], graphdef_of(model_cfg), trainable, frozen, lora_cfg,
+  run_cfg = model_cfg if lora_cfg is None else lora_cfg.model(model_cfg)
+  return FineTuned(config, base_config, meta["labels"], graphdef_of(run_cfg), trainable, frozen, lora_cfg,
                    tokenizer, meta["step"])
 
 

@@ -14,7 +14,8 @@ import ml_collections
 
 from gptjax import paths
 from gptjax.config import ConfigError
-from gptjax.finetune import classify, ner, sft
+from gptjax.data.corpus import parse_hf
+from gptjax.finetune import classify, hub, ner, sft
 
 KINDS = ("classify", "ner", "sft")
 
@@ -24,12 +25,17 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
   c.task = t = ml_collections.ConfigDict()
   # 'classify' (a label per text), 'ner' (a BIO tag per word, CoNLL files) or 'sft' (responses to prompts).
   t.kind = kind
-  # Training and evaluation files: TSV/CSV/JSONL with text and label (classify), CoNLL (ner), JSONL (sft).
+  # Training and evaluation data: TSV/CSV/JSONL with text and label (classify), CoNLL (ner), JSONL (sft) files, or
+  # Hugging Face datasets 'hf:NAME[:CONFIG][@SPLIT]' (e.g. 'hf:stanfordnlp/sst2@validation'; pip install datasets).
   t.train_path = ""
   t.eval_path = ""
   # Classification columns ('' text column = 'text' or 'sentence', whichever the file has).
   t.text_field = ""
   t.label_field = "label"
+  # NER dataset columns ('hf:' data; CoNLL files have a word and a tag per line): a list of words per row, and
+  # its BIO tags (names, or ids with ClassLabel names).
+  t.words_field = "tokens"
+  t.tags_field = "ner_tags"
   # SFT fields: prompt/response pairs, or a list of {'role', 'content'} turns.
   t.prompt_field = "prompt"
   t.response_field = "response"
@@ -70,9 +76,11 @@ def validate(config) -> None:
     raise ConfigError(f"task.kind={t.kind!r}: choose one of {KINDS}.")
   for field in ("train_path", "eval_path"):
     if not t[field]:
-      raise ConfigError(f"task.{field} is empty; give the {field.split('_')[0]} file.")
-    if not paths.is_file(t[field]):
-      raise ConfigError(f"task.{field}={t[field]!r} does not exist; give an existing file.")
+      raise ConfigError(f"task.{field} is empty; give the {field.split('_')[0]} file or 'hf:' dataset.")
+    if hub.is_hf(t[field]):
+      parse_hf(t[field], f"task.{field}")
+    elif not paths.is_file(t[field]):
+      raise ConfigError(f"task.{field}={t[field]!r} does not exist; give an existing file or an 'hf:NAME' dataset.")
   if not config.checkpoint.init_from:
     raise ConfigError("checkpoint.init_from is empty: fine-tuning needs a base model (a run's workdir, an export "
                       "or 'hf:<GPT-2 dir or name>').")
@@ -128,7 +136,7 @@ def make_task(task_cfg) -> Task:
                 classify.label_vocab, classify.arrays, classify.init_head, classify.loss, _classify_report,
                 ("accuracy",), ("tokens", "lengths", "labels"))
   if task_cfg.kind == "ner":
-    return Task(ner.read_conll, ner.label_vocab,
+    return Task(lambda p: ner.read_conll(p, task_cfg.words_field, task_cfg.tags_field), ner.label_vocab,
                 lambda tok, ex, labels, n: ner.encode(tok, ex, labels, n, task_cfg.echo), classify.init_head,
                 ner.loss, _ner_report, ("token_accuracy", "f1"), ("tokens", "labels"), token_predictions=True)
   if task_cfg.kind == "sft":

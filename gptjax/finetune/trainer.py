@@ -15,31 +15,44 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gptjax import sharding, train
+from gptjax import config as config_lib, sharding, train
 from gptjax.finetune import lora
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """LoRA's rank r, scale numerator alpha (updates are scaled by alpha / r) and target projections."""
+  """The adapters' method ('lora' or 'adalora'), rank r, scale numerator alpha (updates are scaled by alpha / r)
+  and target projections."""
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = ("qkv", "out", "fc", "proj")
+  method: str = "lora"
+
+  def model(self, model_cfg):
+    """The model config with these adapters in its forward pass."""
+    return lora.with_adapters(model_cfg, self.method, self.rank, self.alpha, self.targets)
 
 
-def split_trainable(params, head: dict, lora_cfg: LoraConfig | None, key: jax.Array) -> tuple[dict, dict]:
-  """(trainable, frozen): full fine-tuning trains {'base', 'head'}; LoRA trains {'lora', 'head'}, freezes 'base'."""
+def split_trainable(params, head: dict, lora_cfg: LoraConfig | None, key: jax.Array,
+                    model_cfg=None) -> tuple[dict, dict]:
+  """(trainable, frozen): full fine-tuning trains {'base', 'head'}; LoRA trains {'lora', 'head'} (the adapters of
+  `lora_cfg.model(model_cfg)`) and freezes 'base'."""
   if lora_cfg is None:
     return {"base": params, "head": head}, {}
-  adapters = lora.init_adapters(params, lora_cfg.targets, lora_cfg.rank, key)
-  return {"lora": adapters, "head": head}, {"base": params}
+  return {"lora": lora.init_adapters(lora_cfg.model(model_cfg), key), "head": head}, {"base": params}
 
 
 def model_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None):
-  """The GPT params the model runs with: the trained base, or the frozen base with the adapters merged in."""
+  """The params the model runs with: the trained base, or the frozen base with the adapters beside its kernels."""
   if lora_cfg is None:
     return trainable["base"]
-  return lora.merge(frozen["base"], trainable["lora"], lora_cfg.alpha, lora_cfg.rank)
+  return lora.combine(frozen["base"], trainable["lora"])
+
+
+def merged_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None):
+  """Plain GPT params (adapters folded into the kernels), for exports and decoding."""
+  params = model_params(trainable, frozen, lora_cfg)
+  return params if lora_cfg is None else lora.merge(params, lora_cfg.alpha / lora_cfg.rank)
 
 
 def make_optimizer(learning_rate: float | optax.Schedule, weight_decay: float = 0.0, grad_clip: float = 1.0,
@@ -60,10 +73,10 @@ def _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg, dropo
 
 
 def make_step(graphdef, tx: optax.GradientTransformation, task_loss, lora_cfg: LoraConfig | None = None,
-              seed: int = 0, mesh=None):
+              seed: int = 0, mesh=None, rules=config_lib.DEFAULT_RULES):
   """jit(step)(state, frozen, batch) -> (state, {'loss', 'grad_norm'}); the state is donated, frozen is not.
 
-  With a `mesh`, activations stay split over its batch axes (sharding.constrain_batch).
+  With a `mesh`, activations stay split over the batch axes of `rules` (sharding.constrain).
   """
   seed_key = jax.random.key(seed)
 
@@ -77,14 +90,15 @@ def make_step(graphdef, tx: optax.GradientTransformation, task_loss, lora_cfg: L
            "opt_state": opt_state}
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-  return jax.jit(step if mesh is None else sharding.under_mesh(step, mesh), donate_argnums=0)
+  return jax.jit(step if mesh is None else sharding.under_mesh(step, mesh, rules), donate_argnums=0)
 
 
-def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None, mesh=None):
+def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None, mesh=None,
+                 rules=config_lib.DEFAULT_RULES):
   """jit(predict)(trainable, frozen, batch) -> the task's predictions, without dropout."""
   predict = lambda trainable, frozen, batch: _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg,
                                                            None)[1]
-  return jax.jit(predict if mesh is None else sharding.under_mesh(predict, mesh))
+  return jax.jit(predict if mesh is None else sharding.under_mesh(predict, mesh, rules))
 
 
 # Arrays [N, max_len] aligned with the tokens: a batch cuts them to its bucket length.
