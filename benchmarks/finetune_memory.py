@@ -11,32 +11,44 @@ them. Ends with one JSON line; `lora_step_ratio` and `lora_memory_ratio` (LoRA o
 import argparse
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from common import median, report, time_calls
-from gptjax import config as config_lib
+from gptjax import config as config_lib, sharding, train
 from gptjax.finetune import classify, lora, trainer
-from gptjax.finetune.run import memory_report
 from gptjax.model import GPT, GPTConfig
 
 
-def measure(graphdef, params, head, lora_cfg, model_cfg, batch: int, seq: int, repeats: int) -> dict:
-  """Memory and median step seconds of one method at one shape."""
-  tx = trainer.make_optimizer(1e-4)
+def mib(tree) -> float:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 2**20
+
+
+def measure(config, graphdef, params, head, lora_cfg, model_cfg, batch: int, seq: int, repeats: int) -> dict:
+  """Memory and median step seconds of the loop's train step for one method at one shape."""
+  tx = train.make_optimizer(config)
   trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(0), model_cfg)
   if lora_cfg is not None:
     graphdef = nnx.split(nnx.eval_shape(lambda: GPT(lora_cfg.model(model_cfg), nnx.Rngs(0))))[0]
-  state = trainer.new_state(trainable, tx)
+  state = train.new_state(jax.tree.map(jnp.copy, trainable), tx)  # the step donates it; `params` serve both runs
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  placed = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
+  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh),
+               "params": placed(state["params"]), "opt_state": placed(state["opt_state"])}
+  objective = lambda p, f, b, key: classify.loss(nnx.merge(graphdef, trainer.model_params(p, f, lora_cfg)),
+                                                 p["head"], b, key)[0]
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh, objective, placed(frozen) if frozen else None)
   rng = np.random.default_rng(0)
-  data = {"tokens": rng.integers(0, model_cfg.vocab_size, (batch, seq), dtype=np.int32),
-          "lengths": np.full((batch,), seq, np.int32), "labels": rng.integers(0, 2, (batch,), dtype=np.int32)}
-  step = trainer.make_step(graphdef, tx, classify.loss, lora_cfg)
-  memory = memory_report(step, state, frozen, data)
-  holder = {"state": step(state, frozen, data)[0]}  # compiles
+  data = {"tokens": rng.integers(0, model_cfg.vocab_size, (1, batch, seq), dtype=np.int32),
+          "lengths": np.full((1, batch), seq, np.int32), "labels": rng.integers(0, 2, (1, batch), dtype=np.int32)}
+  frozen_args = (frozen,) if frozen else ()
+  analysis = step.lower(state, data, *frozen_args).compile().memory_analysis()
+  memory = {"state_mib": mib(state), "frozen_mib": mib(frozen), "temp_mib": analysis.temp_size_in_bytes / 2**20}
+  holder = {"state": step(state, data, *frozen_args)[0]}  # compiles
 
   def one_step():
-    holder["state"], metrics = step(holder["state"], frozen, data)
+    holder["state"], metrics = step(holder["state"], data, *frozen_args)
     jax.block_until_ready(metrics)
   seconds = median(time_calls(one_step, repeats))
   return {**memory, "total_mib": sum(memory.values()), "step_seconds": seconds,
@@ -52,6 +64,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   config = config_lib.gpt2_config(args.size)
+  config.train.update(learning_rate=1e-4, warmup_steps=0, weight_decay=0.0)
   model_cfg = GPTConfig.from_config(config.model, 50304)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(GPT(model_cfg, nnx.Rngs(0)))))()
@@ -61,7 +74,7 @@ def main():
   for batch, seq in dict.fromkeys([(args.batch, args.seq), (1, 1024)]):
     shape = result["shapes"][f"{batch}x{seq}"] = {}
     for name, lora_cfg in [("full", None), ("lora", trainer.LoraConfig(rank=args.rank))]:
-      m = shape[name] = measure(graphdef, params, head, lora_cfg, model_cfg, batch, seq, args.repeats)
+      m = shape[name] = measure(config, graphdef, params, head, lora_cfg, model_cfg, batch, seq, args.repeats)
       rows.append((f"{batch}x{seq} {name}", f"step {m['step_seconds']:.3f} s | trainable "
                    f"{m['trainable_parameters']:,} | state {m['state_mib']:.0f} MiB, frozen {m['frozen_mib']:.0f} "
                    f"MiB, temporaries {m['temp_mib']:.0f} MiB | total {m['total_mib']:.0f} MiB"))

@@ -87,14 +87,14 @@ def evaluate_texts(params, graphdef, tokenizer, texts: Iterable[str], batch_size
 def main(argv):
   del argv
   from gptjax import data, loader, paths
-  from gptjax.finetune import run as finetune_run, store
+  from gptjax.finetune import job as finetune_job, store
   cli.quiet_libraries()
   f = flags.FLAGS
   if paths.path(os.path.join(f.workdir, "finetuned", store.TASK_FILE)).exists():  # a fine-tuned task model
     if len(f.data) != 1:
       raise app.UsageError("a fine-tuned model scores one file in its task's format: pass one --data file.")
     out = f.out or os.path.join(f.workdir, "eval-" + os.path.basename(f.data[0]))
-    report = finetune_run.evaluate_file(f.workdir, f.data[0], out, base=f.base)
+    report = finetune_job.evaluate_file(f.workdir, f.data[0], out, base=f.base)
     print(f"wrote {out}/report.json and predictions.jsonl")
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}))
     return

@@ -1,6 +1,6 @@
 """Pretrains a GPT (`--config=configs/quickstart.py`), or fine-tunes one (a config with a `task`, configs/sst2.py).
 
-Thin entry point: parses flags and the config, then hands over to `gptjax.loop.run`.
+Thin entry point: parses flags and the config, then hands over to `gptjax.loop.run` (one loop for both).
 """
 
 from gptjax import cli
@@ -14,12 +14,8 @@ def main(argv):
   workdir = cli.workdir(_WORKDIR)
   cli.initialize_distributed()
   # Imported after flag parsing: importing JAX early would ignore --xla flags in the env.
-  if "task" in _CONFIG.value:  # a fine-tuning config (gptjax/finetune/tasks.py)
-    from gptjax.finetune import run
-    run.run(_CONFIG.value, workdir)
-  else:
-    from gptjax import loop
-    loop.run(_CONFIG.value, workdir)
+  from gptjax import loop
+  loop.run(_CONFIG.value, workdir)  # pretraining, or fine-tuning for a config with a `task` section
 
 
 if __name__ == "__main__":

@@ -115,31 +115,39 @@ def loss_fn(params, graphdef, tokens_BT1: jax.Array, dropout_key: jax.Array | No
   return losses.lm_cross_entropy(h_BTD, model.wte.embedding[...], tokens_BT1[:, 1:])
 
 
-def make_train_step(graphdef, tx, config, shardings, mesh: Mesh):
-  """jit(train_step)(state, batch [accum, B, T+1]) -> (state, metrics): one optimizer step over k micro-batches."""
-  seed_key = jax.random.key(config.train.seed)
-  use_dropout = config.model.dropout > 0
-  schedule = lr_schedule(config)
+def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None, frozen_shardings=None,
+                    use_dropout=None):
+  """jit(train_step)(state, batch [accum, B, ...]) -> (state, metrics): one optimizer step over k micro-batches.
 
-  def train_step(state, batch_KBT1):
+  `objective(params, frozen, batch, dropout_key) -> mean loss` is what is minimised (default: next-token
+  cross-entropy of token windows [B, T+1]); the batch may be any tree of arrays with leading [accum, B] dims.
+  With `frozen_shardings` the step takes a third, non-donated argument `frozen` (parameters that are not trained,
+  e.g. a base under LoRA adapters): jit(train_step)(state, batch, frozen).
+  """
+  seed_key = jax.random.key(config.train.seed)
+  use_dropout = config.model.dropout > 0 if use_dropout is None else use_dropout
+  schedule = lr_schedule(config)
+  objective = objective or (lambda params, frozen, tokens_BT1, key: loss_fn(params, graphdef, tokens_BT1, key))
+
+  def train_step(state, batch_KB, frozen=None):
     params = state["params"]
     step_key = jax.random.fold_in(seed_key, state["step"])
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(objective)
 
-    def micro_step(i, tokens_BT1):
+    def micro_step(i, batch_B):
       key = jax.random.fold_in(step_key, i) if use_dropout else None
-      loss, grads = grad_fn(params, graphdef, tokens_BT1, key)
+      loss, grads = grad_fn(params, frozen, batch_B, key)
       return loss, jax.lax.with_sharding_constraint(grads, shardings["params"])
 
-    accum = batch_KBT1.shape[0]
+    accum = jax.tree.leaves(batch_KB)[0].shape[0]
     if accum == 1:
-      loss, grads = micro_step(0, batch_KBT1[0])
+      loss, grads = micro_step(0, jax.tree.map(lambda x: x[0], batch_KB))
     else:
       def body(carry, xs):
         loss, grads = micro_step(*xs)
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch_KBT1))
+      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch_KB))
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -153,8 +161,10 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh):
                "skipped_steps": updated["skipped"], "finite": finite}
     return updated, metrics
 
-  batch_spec = sharding.batch_sharding(mesh, config.mesh.rules, ndim=3, batch_dim=1)
-  return jax.jit(sharding.under_mesh(train_step, mesh, config.mesh.rules), in_shardings=(shardings, batch_spec),
+  # One placement for every leaf of the batch: dim 1 split over the batch axes, the rest replicated.
+  batch_spec = sharding.batch_sharding(mesh, config.mesh.rules, ndim=2, batch_dim=1)
+  in_shardings = (shardings, batch_spec) + (() if frozen_shardings is None else (frozen_shardings,))
+  return jax.jit(sharding.under_mesh(train_step, mesh, config.mesh.rules), in_shardings=in_shardings,
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 

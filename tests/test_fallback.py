@@ -14,7 +14,7 @@ from flax import nnx
 
 from gptjax import attention, checkpoint, loop, plan, sharding, train
 from gptjax.data.tokenizer import CharTokenizer
-from gptjax.finetune import run as finetune_run, tasks
+from gptjax.finetune import tasks
 from gptjax.model import GPT, GPTConfig
 from tests.helpers import tiny_config
 
@@ -99,9 +99,9 @@ def test_fine_tuning_run_continues_with_xla_after_a_fused_kernel_fails(tmp_path,
                      eval_batch_size=8, export_merged=False)
   config.checkpoint.init_from = base
   config.log.update(every_steps=1, tensorboard=False)
-  reference = finetune_run.run(config, str(tmp_path / "xla"))
+  reference = loop.run(config, str(tmp_path / "xla")).summary
   monkeypatch.setattr(attention, "device_platform", lambda: "tpu")
-  summary = finetune_run.run(config, str(tmp_path / "auto"))
+  summary = loop.run(config, str(tmp_path / "auto")).summary
   [warning] = _fallback_warnings(caplog)
   assert "picked Pallas splash attention ('pallas')" in warning and "sequence length 16" in warning
-  assert summary["report"] == reference["report"] and summary["steps"] == reference["steps"] == 3
+  assert summary["eval"] == reference["eval"] and summary["step"] == reference["step"] == 3

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from gptjax.data.tokenizer import CharTokenizer
-from gptjax import config as config_lib
+from gptjax import config as config_lib, sharding, train
 from gptjax.finetune import classify, lora, tasks, trainer
 from gptjax.model import GPT
-from tests.helpers import tiny_gpt
+from tests.helpers import tiny_config, tiny_gpt
 
 D, C, VOCAB, T = 32, 2, 32, 12  # tiny_gpt's width and vocab; classes, sequence length
 
@@ -31,6 +31,7 @@ def _separable_task(n=64, seed=0):
 
 
 def _setup(lora_cfg, learning_rate=3e-3):
+  """(graphdef, base params, train state, frozen, the loop's jitted step) of a classifier on tiny_gpt."""
   graphdef, params = tiny_gpt()
   params = jax.tree.map(jnp.copy, params)  # full fine-tuning donates them, and tiny_gpt's are cached
   head = classify.init_head(D, C, jax.random.key(5))
@@ -38,24 +39,34 @@ def _setup(lora_cfg, learning_rate=3e-3):
   trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(6), model_cfg)
   if lora_cfg is not None:  # the model with the adapters in its forward pass
     graphdef = nnx.split(nnx.eval_shape(lambda: GPT(lora_cfg.model(model_cfg), nnx.Rngs(0))))[0]
-  tx = trainer.make_optimizer(learning_rate)
-  return graphdef, params, trainer.new_state(trainable, tx), frozen, tx
+  config = tiny_config(learning_rate=learning_rate, min_learning_rate=learning_rate, warmup_steps=0, steps=100,
+                       weight_decay=0.0)
+  tx = train.make_optimizer(config)
+  state = train.new_state(trainable, tx)
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  placed = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
+  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh),
+               "params": placed(state["params"]), "opt_state": placed(state["opt_state"])}
+  objective = lambda p, f, batch, key: classify.loss(nnx.merge(graphdef, trainer.model_params(p, f, lora_cfg)),
+                                                     p["head"], batch, key)[0]
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh, objective, placed(frozen) if frozen else None)
+  run = lambda state, batch: step(state, jax.tree.map(lambda x: x[None], batch), *([frozen] if frozen else []))
+  return graphdef, params, state, frozen, run
 
 
 def test_lora_step_changes_only_adapters_and_head():
   lora_cfg = trainer.LoraConfig(rank=4, alpha=8.0)
-  graphdef, params, state, frozen, tx = _setup(lora_cfg)
+  graphdef, params, state, frozen, step = _setup(lora_cfg)
   base_before = jax.tree.map(np.array, params)
-  head_before, a_before = np.array(state["trainable"]["head"]["kernel"]), jax.tree.map(np.array, state["trainable"])
+  head_before, a_before = np.array(state["params"]["head"]["kernel"]), jax.tree.map(np.array, state["params"])
   # Adam keeps two moments per trainable parameter and none for the frozen base.
   moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
-  assert set(state["trainable"]) == {"lora", "head"} and moments == 2 * lora.count(state["trainable"])
-  step = trainer.make_step(graphdef, tx, classify.loss, lora_cfg)
-  state, out = step(state, frozen, _separable_task(8))
-  assert np.isfinite(out["loss"]) and out["grad_norm"] > 0
+  assert set(state["params"]) == {"lora", "head"} and moments == 2 * lora.count(state["params"])
+  state, out = step(state, _separable_task(8))
+  assert np.isfinite(out["train_loss"]) and out["grad_norm"] > 0
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen["base"]), base_before)
-  assert np.abs(state["trainable"]["head"]["kernel"] - head_before).max() > 0
-  adapters = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["trainable"]["lora"])}
+  assert np.abs(state["params"]["head"]["kernel"] - head_before).max() > 0
+  adapters = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]["lora"])}
   assert len(adapters) == 8  # A and B of qkv, out, fc and proj (stacked over the layers)
   for path, leaf in adapters.items():
     # With B = 0 the gradient reaches B only; A moves from the second step on.
@@ -69,21 +80,20 @@ def test_lora_step_changes_only_adapters_and_head():
 @pytest.mark.parametrize("lora_cfg", [None, trainer.LoraConfig(rank=4, alpha=16.0)], ids=["full", "lora"])
 def test_tiny_classifier_learns_a_separable_task(lora_cfg, tmp_path):
   # lr 1e-2 oscillated with LoRA under --xla_cpu_max_isa=AVX2 (64/64 -> 59/64 -> 64/64); 3e-3 converges everywhere.
-  graphdef, _, state, frozen, tx = _setup(lora_cfg, learning_rate=3e-3)
+  graphdef, _, state, frozen, step = _setup(lora_cfg, learning_rate=3e-3)
   data = _separable_task()
-  step = trainer.make_step(graphdef, tx, classify.loss, lora_cfg)
   predict = trainer.make_predict(graphdef, classify.loss, lora_cfg)
-  assert (np.asarray(predict(state["trainable"], frozen, data)) != data["labels"]).any()
+  assert (np.asarray(predict(state["params"], frozen, data)) != data["labels"]).any()
   for _ in range(100):  # 100% from step ~50 on AMD EPYC (AVX-512 and AVX2, fast math or not)
-    state, out = step(state, frozen, data)
+    state, out = step(state, data)
   examples = [classify.Example(f"row {i}", str(y), f"synthetic:{i}") for i, y in enumerate(data["labels"])]
-  predictions = trainer.predict_all(predict, state["trainable"], frozen, data, ("tokens", "lengths", "labels"),
+  predictions = trainer.predict_all(predict, state["params"], frozen, data, ("tokens", "lengths", "labels"),
                                     batch_size=24)
   report, rows = tasks.make_task(tasks.add_task_config(config_lib.default_config(), "classify").task).report(
       examples, ["0", "1"], data, predictions)
   tasks.write_report(str(tmp_path), report, rows)
   # Learnt, with a margin for the CPU's float order: at most 3 of 64 rows wrong, and a low training loss.
-  assert report["accuracy"] >= 0.95 and float(out["loss"]) < 0.2, (report, float(out["loss"]))
+  assert report["accuracy"] >= 0.95 and float(out["train_loss"]) < 0.2, (report, float(out["train_loss"]))
   confusion = np.array(json.loads((tmp_path / "report.json").read_text())["confusion"])
   assert confusion.sum(axis=1).tolist() == [32, 32] and np.trace(confusion) == round(64 * report["accuracy"])
   lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
@@ -91,7 +101,7 @@ def test_tiny_classifier_learns_a_separable_task(lora_cfg, tmp_path):
                                                        "prediction": str(int(predictions[3]))}
   # Only the last real token is read: changing the padding changes nothing.
   padded = dict(data, tokens=np.where(np.arange(T) < data["lengths"][:, None], data["tokens"], 7))
-  np.testing.assert_array_equal(predict(state["trainable"], frozen, padded), predict(state["trainable"], frozen, data))
+  np.testing.assert_array_equal(predict(state["params"], frozen, padded), predict(state["params"], frozen, data))
 
 
 def test_metrics_against_hand_computed_values():

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 from helpers import tiny_config
 
-from gptjax import checkpoint, loader
+from gptjax import checkpoint, loader, loop
 from gptjax.data.tokenizer import CharTokenizer
-from gptjax.finetune import ner, run as finetune_run, sft, store, tasks, trainer
+from gptjax.finetune import job as finetune_job, ner, sft, store, tasks, trainer
 from gptjax.model import GPT, GPTConfig
 
 WORDS = ["Paris", "London", "the", "went", "to", "John", "Mary", "city", "big", "saw", "."]
@@ -126,6 +126,12 @@ def _base_model(tmp_path, tokenizer, block_size=64):
   return checkpoint.write_export(str(tmp_path / "base"), params, c, tokenizer, step=0)
 
 
+def _finetune(config, workdir):
+  """(summary.json's contents, eval/report.json's) of a fine-tuning run through the one loop."""
+  summary = loop.run(config, str(workdir)).summary
+  return summary, json.loads((workdir / "eval" / "report.json").read_text())
+
+
 def _write_conll(path, n, seed):
   rnd = random.Random(seed)
   with open(path, "w") as f:
@@ -135,26 +141,27 @@ def _write_conll(path, n, seed):
   return str(path)
 
 
-def _ner_config(tmp_path, base, rank, mesh=(-1, 1, 1)):
+def _ner_config(tmp_path, base, rank, mesh=(-1, 1, 1), method="lora"):
   c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=3e-3, mesh=mesh), "ner")
   c.task.update(train_path=_write_conll(tmp_path / "train.txt", 64, 0),
                 eval_path=_write_conll(tmp_path / "dev.txt", 16, 1), epochs=4, eval_batch_size=8)
   c.checkpoint.init_from = base
-  c.lora.rank = rank
+  c.lora.update(rank=rank, method=method, target_r=max(rank // 2, 1))
   c.log.update(every_steps=8, tensorboard=False)
   return c
 
 
 @pytest.mark.devices(8)
-@pytest.mark.parametrize("rank, mesh", [(0, (-1, 1, 1)), (4, (2, 2, 2))], ids=["full-data8", "lora-2x2x2"])
-def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh):
+@pytest.mark.parametrize("rank, mesh, method", [(0, (-1, 1, 1), "lora"), (4, (2, 2, 2), "lora"),
+                                                (6, (-1, 1, 1), "adalora")],
+                         ids=["full-data8", "lora-2x2x2", "adalora-data8"])
+def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh, method):
   tok = _char_tokenizer()
   base = _base_model(tmp_path, tok)
   workdir = tmp_path / "run"
-  summary = finetune_run.run(_ner_config(tmp_path, base, rank, mesh), str(workdir))
-  report = summary["report"]
+  summary, report = _finetune(_ner_config(tmp_path, base, rank, mesh, method), workdir)
   assert report["token_accuracy"] >= 0.95 and report["f1"] >= 0.9, report
-  assert json.loads((workdir / "eval" / "report.json").read_text())["f1"] == report["f1"]
+  assert summary["eval"]["f1"] == report["f1"] and summary["eval_f1"] == report["f1"]
   assert len((workdir / "eval" / "predictions.jsonl").read_text().splitlines()) == 16
 
   tuned = store.load(str(workdir))
@@ -162,9 +169,8 @@ def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh):
   assert set(tuned.trainable) == ({"lora", "head"} if rank else {"base", "head"})
   if rank:
     assert summary["trainable_parameters"] < summary["base_parameters"] / 5
-    assert summary["memory_mib"]["state_mib"] < summary["memory_mib"]["frozen_mib"]
   # Scoring the saved model on the eval file reproduces the run's report exactly.
-  again = finetune_run.evaluate_file(str(workdir), str(tmp_path / "dev.txt"), str(tmp_path / "again"))
+  again = finetune_job.evaluate_file(str(workdir), str(tmp_path / "dev.txt"), str(tmp_path / "again"))
   assert again == json.loads(json.dumps(report))
   # The merged export is the tuned GPT: same hidden states as base + adapters.
   merged = loader.load_model(str(workdir / "merged"))
@@ -190,13 +196,13 @@ def test_sft_and_classification_runs(tmp_path):
                 eval_batch_size=8, generate=2, generate_tokens=6)
   c.checkpoint.init_from = base
   c.log.update(every_steps=10, tensorboard=False)
-  summary = finetune_run.run(c, str(tmp_path / "sft"))
+  summary, report = _finetune(c, tmp_path / "sft")
   evals = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
            if "eval_loss" in line]
   # A random model's loss is ln(vocab) = 3.5 nats; the responses are learned (0.66 -> 0.80 accuracy, seed 0).
   assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < np.log(tok.vocab_size), evals
   assert evals[-1]["eval_token_accuracy"] >= 0.75, evals
-  assert summary["report"]["tokens"] == sum(len(p["response"]) + 1 for p in pairs)  # response + EOS
+  assert report["tokens"] == sum(len(p["response"]) + 1 for p in pairs)  # response + EOS
   rows = [json.loads(line) for line in (tmp_path / "sft" / "eval" / "predictions.jsonl").read_text().splitlines()]
   assert rows[0]["prompt"] == "### User:\nParis\n\n### Assistant:\n" and "generated" in rows[1]
   assert "generated" not in rows[2]
@@ -209,7 +215,7 @@ def test_sft_and_classification_runs(tmp_path):
   c.checkpoint.init_from = base
   c.lora.rank = 4
   c.log.update(every_steps=10, tensorboard=False)
-  report = finetune_run.run(c, str(tmp_path / "cls"))["report"]
+  report = _finetune(c, tmp_path / "cls")[1]
   assert report["accuracy"] == 1.0 and report["labels"] == ["name", "other"], report
 
 
@@ -235,7 +241,7 @@ def test_evaluate_cli_scores_a_fine_tuned_model(tmp_path):
   workdir = tmp_path / "run"
   c = _ner_config(tmp_path, base, rank=2)
   c.task.epochs = 1
-  finetune_run.run(c, str(workdir))
+  loop.run(c, str(workdir))
   out = subprocess.run([sys.executable, "-m", "gptjax.evaluate", f"--workdir={workdir}",
                         f"--data={tmp_path / 'dev.txt'}", f"--out={tmp_path / 'cli'}"],
                        capture_output=True, text=True, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from gptjax import config as config_lib, generate, plan, sharding, train
-from gptjax.finetune import store, tasks, trainer
+from gptjax.finetune import tasks
 from gptjax.model import GPTConfig
 
 CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
@@ -98,17 +98,20 @@ def test_finetune_step_lowers(name, platform, mesh):
   trainable = {"base": nnx.to_pure_dict(abstract), "head": head}
   trainable_shardings = {"base": sharding.state_shardings(abstract, base.mesh.rules, device_mesh),
                          "head": jax.tree.map(lambda _: sharding.replicated(device_mesh), head)}
-  tx = trainer.make_optimizer(train.lr_schedule(config), config.train.weight_decay, config.train.grad_clip)
-  state = _placed(jax.eval_shape(lambda t: trainer.new_state(t, tx), trainable),
-                  {"step": sharding.replicated(device_mesh), "trainable": trainable_shardings,
-                   "opt_state": train.optimizer_shardings(tx, trainable, trainable_shardings, device_mesh)})
+  tx = train.make_optimizer(config)
+  replicated = sharding.replicated(device_mesh)
+  shardings = {"step": replicated, "skipped": replicated, "params": trainable_shardings,
+               "opt_state": train.optimizer_shardings(tx, trainable, trainable_shardings, device_mesh)}
+  state = _placed(jax.eval_shape(lambda t: train.new_state(t, tx), trainable), shardings)
   B, T = config.train.batch_size, config.task.max_len or model_cfg.block_size
   row_keys = ROW_KEYS | ({"labels"} if config.task.kind == "classify" else set())
-  batch = {k: jax.ShapeDtypeStruct((B,) if k in row_keys else (B, T), np.int32,
-                                   sharding=sharding.batch_sharding(device_mesh, config_lib.DEFAULT_RULES, 1 if k in row_keys else 2))
+  # The loop's batch: [accum, B, ...], rows split over the batch axes.
+  placement = sharding.batch_sharding(device_mesh, config.mesh.rules, 2, 1)
+  batch = {k: jax.ShapeDtypeStruct((1, B) if k in row_keys else (1, B, T), np.int32, sharding=placement)
            for k in task.batch_keys}
-  step = trainer.make_step(graphdef, tx, task.loss, store.lora_config(config), config.train.seed, device_mesh)
-  lowered = _lower(name, "fine-tune step", platform, mesh, step, state, {}, batch)
+  objective = lambda p, frozen, b, key: task.loss(nnx.merge(graphdef, p["base"]), p["head"], b, key)[0]
+  step = train.make_train_step(graphdef, tx, config, shardings, device_mesh, objective)
+  lowered = _lower(name, "fine-tune step", platform, mesh, step, state, batch)
   _check_kernel(name, "fine-tune step", platform, lowered)
 
 

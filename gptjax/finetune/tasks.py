@@ -58,14 +58,27 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
   t.export_merged = True
 
   c.lora = lo = ml_collections.ConfigDict()
-  # LoRA rank; 0 = full fine-tuning (every base parameter trained).
+  # Adapter rank (AdaLoRA: the initial rank, peft's init_r=12); 0 = full fine-tuning (every base parameter trained).
   lo.rank = 0
-  # Scale numerator: updates are W + (alpha / rank) A B.
+  # 'lora' (x·W + s·(x·A)·B) or 'adalora' (x·W + s·((x·P)·Λ)·Q, ranks pruned to a budget; fields below).
+  lo.method = "lora"
+  # Scale numerator: s = alpha / rank.
   lo.alpha = 16.0
   # Comma-separated projections that get adapters: qkv, out (attention), fc, proj (MLP).
   lo.targets = "qkv,out,fc,proj"
-  # The run starts from checkpoint.init_from: a run's workdir, an export, or 'hf:<GPT-2 dir or name>'.
-  c.checkpoint.every_steps = 0
+  # AdaLoRA (peft's defaults): average rank per adapter at the end; steps at the full budget first; final steps
+  # with the mask fixed; steps between allocations; EMA rates of the sensitivity and of its uncertainty; the
+  # weight of the orthogonality regulariser on P and Q.
+  lo.target_r = 8
+  lo.tinit = 0
+  lo.tfinal = 0
+  lo.deltaT = 1
+  lo.beta1 = 0.85
+  lo.beta2 = 0.85
+  lo.orth_reg_weight = 0.5
+  # The run starts from checkpoint.init_from: a run's workdir, an export, or 'hf:<GPT-2 dir or name>'; it saves
+  # a checkpoint (what is trained, the optimizer, the data position) every 100 steps, and resumes from it.
+  c.checkpoint.every_steps = 100
   return c
 
 
@@ -84,8 +97,14 @@ def validate(config) -> None:
   if not config.checkpoint.init_from:
     raise ConfigError("checkpoint.init_from is empty: fine-tuning needs a base model (a run's workdir, an export "
                       "or 'hf:<GPT-2 dir or name>').")
-  if config.lora.rank < 0:
-    raise ConfigError(f"lora.rank={config.lora.rank}: use 0 (full fine-tuning) or a positive rank.")
+  lo = config.lora
+  if lo.rank < 0:
+    raise ConfigError(f"lora.rank={lo.rank}: use 0 (full fine-tuning) or a positive rank.")
+  if lo.method not in ("lora", "adalora"):
+    raise ConfigError(f"lora.method={lo.method!r}: use 'lora' or 'adalora'.")
+  if lo.method == "adalora" and not 0 < lo.target_r <= lo.rank:
+    raise ConfigError(f"lora.target_r={lo.target_r} must be in 1..lora.rank={lo.rank} (AdaLoRA prunes from rank "
+                      "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
   if t.epochs < 0 or (t.epochs == 0 and config.train.steps <= 0):
     raise ConfigError(f"task.epochs={t.epochs}, train.steps={config.train.steps}: one of them must be positive.")
 

@@ -1,8 +1,8 @@
-"""What fine-tuning trains (full: base + head; LoRA: adapters + head), the jitted fine-tune step, and prediction.
+"""What fine-tuning trains (full: base + head; LoRA: adapters + head), batches of encoded rows, and prediction.
 
-The step is a pure function under `jax.jit`, as `gptjax/train.py`'s: the model is rebuilt inside the trace with
-`nnx.merge`. Gradients and optimizer state cover only the trainable tree; the frozen base params are a separate,
-non-donated argument, so a LoRA step cannot change them and AdamW keeps no moments for them.
+The train step is the loop's (gptjax/train.py): gradients and optimizer state cover only the trainable tree; the
+frozen base params are a separate, non-donated argument, so a LoRA step cannot change them and AdamW keeps no
+moments for them.
 
 A task supplies `task_loss(model, head, batch, dropout_key) -> (mean loss, predictions)`, e.g. `classify.loss`.
 """
@@ -10,12 +10,10 @@ A task supplies `task_loss(model, head, batch, dropout_key) -> (mean loss, predi
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from gptjax import config as config_lib, sharding, train
+from gptjax import config as config_lib, sharding
 from gptjax.finetune import lora
 
 
@@ -55,42 +53,9 @@ def merged_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None):
   return params if lora_cfg is None else lora.merge(params, lora_cfg.alpha / lora_cfg.rank)
 
 
-def make_optimizer(learning_rate: float | optax.Schedule, weight_decay: float = 0.0, grad_clip: float = 1.0,
-                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
-  """AdamW (decay on kernels only, as pretraining) with global-norm clipping, for the trainable tree."""
-  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=train.decay_mask)
-  return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip > 0 else adamw
-
-
-def new_state(trainable: dict, tx: optax.GradientTransformation) -> dict:
-  """Step 0: {'step', 'trainable', 'opt_state'} (moments for the trainable tree only)."""
-  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-
-
 def _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg, dropout_key):
   model = nnx.merge(graphdef, model_params(trainable, frozen, lora_cfg))
   return task_loss(model, trainable["head"], batch, dropout_key)
-
-
-def make_step(graphdef, tx: optax.GradientTransformation, task_loss, lora_cfg: LoraConfig | None = None,
-              seed: int = 0, mesh=None, rules=config_lib.DEFAULT_RULES):
-  """jit(step)(state, frozen, batch) -> (state, {'loss', 'grad_norm'}); the state is donated, frozen is not.
-
-  With a `mesh`, activations stay split over the batch axes of `rules` (sharding.constrain).
-  """
-  seed_key = jax.random.key(seed)
-
-  def step(state, frozen, batch):
-    # The model applies dropout only when its config asks for it, so a key can always be passed.
-    dropout_key = jax.random.fold_in(seed_key, state["step"])
-    objective = lambda t: _task_outputs(t, frozen, batch, graphdef, task_loss, lora_cfg, dropout_key)
-    (loss, _), grads = jax.value_and_grad(objective, has_aux=True)(state["trainable"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    new = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
-           "opt_state": opt_state}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-  return jax.jit(step if mesh is None else sharding.under_mesh(step, mesh, rules), donate_argnums=0)
 
 
 def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None, mesh=None,
@@ -125,7 +90,7 @@ def take(arrays: dict, rows: np.ndarray, keys) -> dict:
 
 
 def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, keys, batch_size: int,
-                place=lambda batch: batch, token_predictions: bool = False) -> np.ndarray:
+                place=lambda batch: batch, token_predictions: bool = False, gather=np.asarray) -> np.ndarray:
   """Predictions for every row of `arrays` ({name: [N, ...]}) in the rows' order, batch_size rows per call.
 
   Rows are run sorted by length, so a batch is cut to a short bucket; the last batch is padded by repeating a
@@ -137,7 +102,7 @@ def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, keys, batc
   for start in range(0, n, batch_size):
     rows = order[start:start + batch_size]
     padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-    out = np.asarray(predict(trainable, frozen, place(take(arrays, padded, keys))))[:len(rows)]
+    out = gather(predict(trainable, frozen, place(take(arrays, padded, keys))))[:len(rows)]
     if token_predictions:
       out = np.pad(out, [(0, 0), (0, max_len - out.shape[1])])
     for row, o in zip(rows, out):

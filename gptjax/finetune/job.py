@@ -1,0 +1,186 @@
+"""The fine-tuning job for the one training loop (gptjax/loop.py): a config with a `task` section.
+
+  python -m gptjax.main --config=configs/sst2.py --workdir=runs/sst2
+
+Loads the base (checkpoint.init_from: a run, an export or an HF import), reads and encodes the task's files with
+the base's tokenizer, and hands the loop what is trained (the head and the base, or the head and LoRA/AdaLoRA
+adapters computed in the forward pass beside the frozen base), shuffled Grain batches, and the task's eval metrics
+after every epoch. The loop checkpoints and resumes it exactly like pretraining. At the end it writes:
+
+  eval/report.json              the final eval metrics; eval/predictions.jsonl, one row per eval example
+  finetuned/                    what was trained (store.py): adapters + head, or the whole model + head
+  merged/                       the fine-tuned GPT as an export (adapters merged), for sample/evaluate/init_from
+"""
+
+import math
+import os
+
+import grain
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from gptjax import checkpoint, config as config_lib, generate, loader, metrics, sharding, train
+from gptjax.finetune import adalora, lora, sft, store, tasks, trainer
+from gptjax.job import Job, log
+from gptjax.model import count_params, flops_per_token
+
+
+def build(config, workdir: str, mesh, resuming: bool) -> Job:
+  """The job of a fine-tuning config in `workdir`."""
+  del resuming  # the base is loaded either way: it is the frozen part, or the shape of the trained one
+  tasks.validate(config)
+  task = tasks.make_task(config.task)
+  base = loader.load_model(config.checkpoint.init_from, mesh)
+  tokenizer, model_cfg = base.tokenizer, base.model_cfg
+  max_len = config.task.max_len or model_cfg.block_size
+  if max_len > model_cfg.block_size:
+    raise config_lib.ConfigError(f"task.max_len={max_len} exceeds the base model's block_size "
+                                 f"{model_cfg.block_size}; lower it (0 = block_size).")
+  # 'auto' attention resolved once for this device and every batch length: a fused kernel that does not compile
+  # falls back to 'xla'.
+  model_cfg = model_cfg.for_device(mesh, trainer.bucket_lengths(max_len), config.mesh.rules)
+
+  train_examples = task.read(config.task.train_path)
+  eval_examples = task.read(config.task.eval_path)
+  labels = task.label_vocab(train_examples)
+  train_data = task.encode(tokenizer, train_examples, labels, max_len)
+  eval_data = task.encode(tokenizer, eval_examples, labels, max_len)
+  full_rows = int((train_data["lengths"] == max_len).sum())
+
+  t = config.train
+  steps_per_epoch = math.ceil(len(train_examples) / t.batch_size)
+  config = config.copy_and_resolve_references()
+  if config.task.epochs:
+    config.train.steps = math.ceil(config.task.epochs * steps_per_epoch)
+  config.train.eval_every = steps_per_epoch  # the task's metrics after every epoch
+  lora_cfg = store.lora_config(config)
+  run_cfg = model_cfg if lora_cfg is None else lora_cfg.model(model_cfg)  # the adapters in the forward pass
+  dropout = config.task.dropout if config.task.dropout >= 0 else model_cfg.dropout
+  graphdef = store.graphdef_of(run_cfg, dropout)
+
+  init_key, adapter_key = jax.random.split(jax.random.key(t.seed))
+  head = task.init_head(model_cfg.n_embd, len(labels), init_key)
+  trainable, frozen = trainer.split_trainable(base.params, head, lora_cfg, adapter_key, model_cfg)
+  # The head and adapters are small: replicated on the mesh (the base keeps its sharding).
+  replicated = sharding.replicated(mesh)
+  trainable = {k: v if k == "base" else jax.device_put(v, replicated) for k, v in trainable.items()}
+  tx = train.make_optimizer(config)
+  if lora_cfg is not None and lora_cfg.method == "adalora":
+    tx = adalora.allocator(tx, config, trainable["lora"])
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+  shardings = {"step": replicated, "skipped": replicated, "params": param_shardings,
+               "opt_state": train.optimizer_shardings(tx, abstract_params, param_shardings, mesh)}
+  abstract = jax.eval_shape(lambda p: train.new_state(p, tx), abstract_params)
+
+  def objective(params, frozen, batch, key):
+    model = nnx.merge(graphdef, trainer.model_params(params, frozen, lora_cfg))
+    loss = task.loss(model, params["head"], batch, key)[0]
+    if lora_cfg is not None and lora_cfg.method == "adalora":
+      loss = loss + config.lora.orth_reg_weight * adalora.orthogonality(adalora.flat(params["lora"]))
+    return loss
+
+  predict = trainer.make_predict(store.graphdef_of(run_cfg), task.loss, lora_cfg, mesh, config.mesh.rules)
+  final_rows = []
+
+  def evaluate(params, final: bool) -> dict:
+    report, rows = score(task, predict, params, frozen, eval_examples, eval_data, labels,
+                         config.task.eval_batch_size, mesh, config.mesh.rules)
+    if final:
+      final_rows[:] = [report, rows]
+    return {f"eval_{k}": float(report[k]) for k in task.headline}
+
+  def finish(state, step: int) -> tuple[dict, list[str]]:
+    report, rows = final_rows
+    params = trainer.merged_params(state["params"], frozen, lora_cfg)
+    if config.task.kind == "sft" and config.task.generate:
+      prompts = [sft.prompt_text(c.turns[:-1]) for c in eval_examples[:config.task.generate]]
+      responses = generate.generate_text(params, store.graphdef_of(model_cfg), tokenizer, prompts,
+                                         config.task.generate_tokens, generate.Sampling(temperature=0.0),
+                                         rules=base.config.mesh.rules)
+      for row, response in zip(rows, responses):
+        row["generated"] = response
+    if jax.process_index() == 0:
+      tasks.write_report(os.path.join(workdir, "eval"), report, rows)
+    store.save(os.path.join(workdir, "finetuned"), config, base.config, labels, state["params"], tokenizer, step)
+    if config.task.export_merged:
+      checkpoint.write_export(os.path.join(workdir, "merged"), params, base.config, tokenizer, step,
+                              source=os.path.join(workdir, "finetuned"))
+    log("eval: %s | %s", ", ".join(f"{k} {report[k]:.4f}" for k in task.headline),
+        os.path.join(workdir, "eval", "report.json"))
+    return {"task": config.task.kind, "epochs": step / steps_per_epoch, "trainable_parameters": n_trainable,
+            "base_parameters": n_base, "lora_rank": config.lora.rank,
+            "eval": {k: v for k, v in report.items() if not isinstance(v, (list, dict)) or k == "per_type"}}, []
+
+  n_trainable, n_base = lora.count(trainable), lora.count(base.params)
+  what = (f"{lora_cfg.method} rank {lora_cfg.rank} on {','.join(lora_cfg.targets)}" if lora_cfg else
+          "all parameters")
+  description = [
+      f"base: {config.checkpoint.init_from} (step {base.step}) | {metrics.format_count(n_base)} parameters, "
+      f"context {model_cfg.block_size}, tokenizer {tokenizer.kind} | attention {model_cfg.attention}",
+      f"data: {len(train_examples)} train / {len(eval_examples)} eval examples"
+      f"{f' | {len(labels)} labels' if labels else ''} | {full_rows} rows reach max_len {max_len} (longer ones "
+      "are cut)",
+      f"training {what}: {metrics.format_count(n_trainable)} trainable parameters ({100 * n_trainable / n_base:.2f}%"
+      f" of the base's) | {config.train.steps} steps ({steps_per_epoch} per epoch, batch {t.batch_size})"]
+  batches = train_batches(train_data, task.batch_keys, t.batch_size, t.seed)
+  return Job(config=config, model_cfg=run_cfg, graphdef=graphdef, tokenizer=tokenizer, tx=tx, abstract=abstract,
+             shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx),
+                                                             out_shardings=shardings)(trainable),
+             batches=batches, evaluate=evaluate, finish=finish,
+             tokens=lambda batch: int(batch["tokens"].size), steps=config.train.steps,
+             flops_per_token=flops_per_token(model_cfg, count_params(base.params, exclude_position=True), max_len),
+             description=description, objective=objective, frozen=frozen or None,
+             frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
+             use_dropout=dropout > 0)
+
+
+def train_batches(arrays: dict, keys, batch_size: int, seed: int) -> grain.DatasetIterator:
+  """Endless batches of rows reshuffled every epoch (Grain: the position resumes exactly from a checkpoint).
+
+  A global batch is cut to the bucket of its longest row; each process takes rows p, p + P, ... of it, so every
+  process sees the same length and the processes together hold the global batch.
+  """
+  rows = len(arrays["lengths"])
+  index, count = jax.process_index(), jax.process_count()
+  ds = grain.MapDataset.range(rows).shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+  ds = ds.map(lambda rows_B: {k: v[index::count] for k, v in trainer.take(arrays, rows_B, keys).items()})
+  return iter(ds.to_iter_dataset())
+
+
+def score(task: tasks.Task, predict, trainable, frozen, examples, data: dict, labels: list[str], batch_size: int,
+          mesh=None, rules=config_lib.DEFAULT_RULES) -> tuple[dict, list[dict]]:
+  """(metrics, prediction rows) of the model on encoded `data`; on a mesh each process feeds its rows."""
+  place, gather = (lambda batch: batch), np.asarray
+  if mesh is not None:
+    placement = sharding.batch_sharding(mesh, rules, ndim=1)  # rows split, the rest replicated, any rank
+    index, count = jax.process_index(), jax.process_count()
+    place = lambda batch: {k: sharding.global_batch(v[index::count], placement) for k, v in batch.items()}
+    # Global row order is process 0's rows, then process 1's: back to the batch's order.
+    order = lambda n: np.concatenate([np.arange(n)[p::count] for p in range(count)])
+    gather = lambda out: _unshuffle(np.asarray(multihost_utils.process_allgather(out, tiled=True)), order)
+  predictions = trainer.predict_all(predict, trainable, frozen, data, task.batch_keys, batch_size, place,
+                                    task.token_predictions, gather)
+  return task.report(examples, labels, data, predictions)
+
+
+def _unshuffle(out, order):
+  restored = np.empty_like(out)
+  restored[order(len(out))] = out
+  return restored
+
+
+def evaluate_file(path: str, data_path: str, out_dir: str, base: str | None = None) -> dict:
+  """Scores the fine-tuned model in `path` on `data_path` (the task's format); writes report and predictions."""
+  tuned = store.load(path, base=base)
+  task = tasks.make_task(tuned.config.task)
+  examples = task.read(data_path)
+  max_len = tuned.config.task.max_len or tuned.base_config.model.block_size
+  data = task.encode(tuned.tokenizer, examples, tuned.labels, max_len)
+  predict = trainer.make_predict(tuned.graphdef, task.loss, tuned.lora_cfg)
+  report, rows = score(task, predict, tuned.trainable, tuned.frozen, examples, data, tuned.labels,
+                       tuned.config.task.eval_batch_size)
+  tasks.write_report(out_dir, report, rows)
+  return report
