@@ -1,6 +1,6 @@
 """Full fine-tuning vs LoRA on a GPT-2 size: step time and compiled memory, side by side in one run.
 
-  python benchmarks/finetune_memory.py --size=small --batch=8 --seq=256 --rank=8
+  python benchmarks/finetune_memory.py --size=small --batch=8 --seq=256 --rank=8 [--remat=full]
 
 For each shape (--batch x --seq, and 1 x 1024) and each method: the median wall time of a classification step
 (head on the last token, float32, LoRA r on every attention and MLP kernel), and per-device MiB of the trainable
@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from common import median, report, time_calls
-from gptjax import config as config_lib, sharding, train
+from gptjax import config as config_lib, train
 from gptjax.finetune import classify, lora, trainer
 from gptjax.model import GPT, GPTConfig
 
@@ -32,13 +32,7 @@ def measure(config, graphdef, params, head, lora_cfg, model_cfg, batch: int, seq
   if lora_cfg is not None:
     graphdef = nnx.split(nnx.eval_shape(lambda: GPT(lora_cfg.model(model_cfg), nnx.Rngs(0))))[0]
   state = train.new_state(jax.tree.map(jnp.copy, trainable), tx)  # the step donates it; `params` serve both runs
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  placed = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
-  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh),
-               "params": placed(state["params"]), "opt_state": placed(state["opt_state"])}
-  objective = lambda p, f, b, key: classify.loss(nnx.merge(graphdef, trainer.model_params(p, f, lora_cfg)),
-                                                 p["head"], b, key)[0]
-  step = train.make_train_step(graphdef, tx, config, shardings, mesh, objective, placed(frozen) if frozen else None)
+  step = trainer.one_device_step(config, graphdef, tx, state, frozen, classify.loss, lora_cfg)
   rng = np.random.default_rng(0)
   data = {"tokens": rng.integers(0, model_cfg.vocab_size, (1, batch, seq), dtype=np.int32),
           "lengths": np.full((1, batch), seq, np.int32), "labels": rng.integers(0, 2, (1, batch), dtype=np.int32)}
@@ -62,15 +56,18 @@ def main():
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--remat", default="none", choices=["none", "dots", "full"],
+                      help="model.remat for both methods (full: only each block's input is kept for backward)")
   args = parser.parse_args()
   config = config_lib.gpt2_config(args.size)
   config.train.update(learning_rate=1e-4, warmup_steps=0, weight_decay=0.0)
+  config.model.remat = args.remat
   model_cfg = GPTConfig.from_config(config.model, 50304)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(model_cfg, nnx.Rngs(0))))
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(GPT(model_cfg, nnx.Rngs(0)))))()
   del state
   head = classify.init_head(model_cfg.n_embd, 2, jax.random.key(1))
-  rows, result = [], {"size": args.size, "rank": args.rank, "shapes": {}}
+  rows, result = [], {"size": args.size, "rank": args.rank, "remat": args.remat, "shapes": {}}
   for batch, seq in dict.fromkeys([(args.batch, args.seq), (1, 1024)]):
     shape = result["shapes"][f"{batch}x{seq}"] = {}
     for name, lora_cfg in [("full", None), ("lora", trainer.LoraConfig(rank=args.rank))]:

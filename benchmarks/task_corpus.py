@@ -1,4 +1,4 @@
-"""Writes the unlabelled pretraining text for the fine-tuning measurements (benchmarks/RESULTS.md, issue 7).
+"""Writes the unlabelled pretraining text for the fine-tuning measurements (benchmarks/RESULTS.md).
 
   python benchmarks/task_corpus.py --data=../shared/data --out=runs/task_corpus
 
@@ -40,10 +40,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", default="../shared/data")
   parser.add_argument("--out", default="runs/task_corpus")
+  parser.add_argument("--sst2", default="", help="SST-2 directory (default <data>/sst2), e.g. the training side of "
+                      "benchmarks/sst2_honest_split.py, so that no held-out sentence is pretrained on")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   sources = {"conll2003_train.txt": conll_sentences(os.path.join(args.data, "conll2003", "train.txt")),
-             "sst2_train.txt": sst2_phrases(os.path.join(args.data, "sst2", "train.tsv"))}
+             "sst2_train.txt": sst2_phrases(os.path.join(args.sst2 or os.path.join(args.data, "sst2"), "train.tsv"))}
   for name, lines in sources.items():
     with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
       f.writelines(line + "\n" for line in lines)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from gptjax.data.tokenizer import CharTokenizer
-from gptjax import config as config_lib, sharding, train
+from gptjax import config as config_lib, train
 from gptjax.finetune import classify, lora, tasks, trainer
 from gptjax.model import GPT
 from tests.helpers import tiny_config, tiny_gpt
@@ -43,13 +43,7 @@ def _setup(lora_cfg, learning_rate=3e-3):
                        weight_decay=0.0)
   tx = train.make_optimizer(config)
   state = train.new_state(trainable, tx)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  placed = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
-  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh),
-               "params": placed(state["params"]), "opt_state": placed(state["opt_state"])}
-  objective = lambda p, f, batch, key: classify.loss(nnx.merge(graphdef, trainer.model_params(p, f, lora_cfg)),
-                                                     p["head"], batch, key)[0]
-  step = train.make_train_step(graphdef, tx, config, shardings, mesh, objective, placed(frozen) if frozen else None)
+  step = trainer.one_device_step(config, graphdef, tx, state, frozen, classify.loss, lora_cfg)
   run = lambda state, batch: step(state, jax.tree.map(lambda x: x[None], batch), *([frozen] if frozen else []))
   return graphdef, params, state, frozen, run
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from gptjax import checkpoint, config as config_lib, generate, loader, metrics, sharding, train
+from gptjax import checkpoint, config as config_lib, generate, loader, metrics, paths, sharding, train
 from gptjax.finetune import adalora, lora, sft, store, tasks, trainer
 from gptjax.job import Job, log
 from gptjax.model import count_params, flops_per_token
@@ -107,7 +107,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
     store.save(os.path.join(workdir, "finetuned"), config, base.config, labels, state["params"], tokenizer, step)
     if config.task.export_merged:
       checkpoint.write_export(os.path.join(workdir, "merged"), params, base.config, tokenizer, step,
-                              source=os.path.join(workdir, "finetuned"))
+                              source=os.path.join(paths.absolute(workdir), "finetuned"))
     log("eval: %s | %s", ", ".join(f"{k} {report[k]:.4f}" for k in task.headline),
         os.path.join(workdir, "eval", "report.json"))
     return {"task": config.task.kind, "epochs": step / steps_per_epoch, "trainable_parameters": n_trainable,

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gptjax import config as config_lib, sharding
+from gptjax import config as config_lib, sharding, train
 from gptjax.finetune import lora
 
 
@@ -108,3 +108,14 @@ def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, keys, batc
     for row, o in zip(rows, out):
       outputs[row] = o
   return np.stack(outputs)
+
+
+def one_device_step(config, graphdef, tx, state: dict, frozen: dict, task_loss, lora_cfg: LoraConfig | None):
+  """The loop's jitted train step for a task on one device, everything replicated: for benchmarks and tests that
+  time or inspect one task's step. Called as step(state, batch [1, B, ...], frozen) ('frozen' only if not empty)."""
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  placed = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
+  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh),
+               "params": placed(state["params"]), "opt_state": placed(state["opt_state"])}
+  objective = lambda p, f, batch, key: _task_outputs(p, f, batch, graphdef, task_loss, lora_cfg, key)[0]
+  return train.make_train_step(graphdef, tx, config, shardings, mesh, objective, placed(frozen) if frozen else None)
