@@ -158,6 +158,10 @@ def run(config, workdir: str) -> RunInfo:
     return results
 
   in_flight = None  # the previous step's loss: the bar counts finished steps, one step stays queued behind
+  # train.nonfinite='stop' reads the state's count of skipped (non-finite) steps only where the loop waits for the
+  # device anyway: a step that is not finite leaves the state as it was, so the steps up to the next such point
+  # continue from a finite state, and no checkpoint is written before the check.
+  skipped_before, checked_step = int(state["skipped"]), first_step
   with StopFlag() as stop:
     # Multi-host runs agree on stopping at logging steps, where the loop waits for the device anyway.
     while step < job.steps and not stop.should_stop(step % config.log.every_steps == 0):
@@ -178,25 +182,28 @@ def run(config, workdir: str) -> RunInfo:
         finished.append(time.perf_counter())
         bar.update(1)
       in_flight = step_metrics["train_loss"]
-      if t.nonfinite == "stop" and not bool(step_metrics["finite"]):  # a per-step sync, only in this mode
-        stop.reason = "nonfinite"
-        break
-      if step % config.log.every_steps == 0 or step == job.steps or step == first_step + 1:
+      logged = step % config.log.every_steps == 0 or step == job.steps or step == first_step + 1
+      evaluated = bool(t.eval_every and step % t.eval_every == 0 and step < job.steps)
+      saving = bool(config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < job.steps)
+      if t.nonfinite == "stop" and (logged or evaluated or saving):
+        if int(step_metrics["skipped_steps"]) > skipped_before:
+          stop.reason = "nonfinite"
+          break
+        checked_step = step
+      if logged:
         step_metrics = jax.device_get(step_metrics)
         elapsed = time.perf_counter() - window_start
         tokens_per_sec = window_tokens / elapsed
         mfu = tokens_per_sec * job.flops_per_token / (peak_flops * n_devices)
         train_loss = float(step_metrics.pop("train_loss"))
-        step_metrics.pop("finite")
         writer.write(step, train_loss=train_loss, **step_metrics, tokens_per_sec=tokens_per_sec, mfu=mfu)
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=metrics.format_count(tokens_per_sec), mfu=f"{mfu:.1%}")
         window_start, window_tokens = time.perf_counter(), 0  # the first window holds the compile: reset
-      evaluated = bool(t.eval_every and step % t.eval_every == 0 and step < job.steps)
       if evaluated:
         evaluation = evaluate(final=False)
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
         window_start, window_tokens = time.perf_counter(), 0
-      if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < job.steps:
+      if saving:
         save(evaluation.get("val_loss") if evaluated else None)
       if t.max_seconds and time.time() - start_time > t.max_seconds:
         stop.reason = f"train.max_seconds={t.max_seconds}"
@@ -211,7 +218,8 @@ def run(config, workdir: str) -> RunInfo:
     save()  # the step left parameters and optimizer state as they were: this is the last good state
     mngr.wait_until_finished()
     raise FloatingPointError(
-        f"non-finite loss or gradient at step {step} (train.nonfinite='stop'); the last good state is saved in "
+        f"non-finite loss or gradient at step {checked_step + 1}-{step} (train.nonfinite='stop'; non-finite steps "
+        f"change nothing, so the state is finite); the state is saved in "
         f"{mngr.directory}/{step}. Lower train.learning_rate or check the data, then rerun to resume, or set "
         "train.nonfinite='skip' to skip such steps.")
   evaluation = evaluate(final=True)

@@ -158,7 +158,7 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None,
                "params": keep_if_finite(optax.apply_updates(params, updates), params),
                "opt_state": keep_if_finite(opt_state, state["opt_state"])}
     metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
-               "skipped_steps": updated["skipped"], "finite": finite}
+               "skipped_steps": updated["skipped"]}
     return updated, metrics
 
   # One placement for every leaf of the batch: dim 1 split over the batch axes, the rest replicated.

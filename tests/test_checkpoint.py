@@ -176,7 +176,7 @@ def test_nonfinite_skip_leaves_the_state_unchanged():
   tokens[0, 0, 0] = 0  # the NaN embedding row is read
   before = jax.device_get(poisoned)
   after, metrics = step(poisoned, sharding.global_batch(tokens, sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), batch_dim=1))
-  assert not bool(metrics["finite"]) and int(metrics["skipped_steps"]) == 1 and int(after["step"]) == 1
+  assert int(metrics["skipped_steps"]) == 1 and int(after["step"]) == 1
   after = jax.device_get(after)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after["params"], before["params"])
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after["opt_state"], before["opt_state"])

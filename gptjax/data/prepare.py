@@ -286,14 +286,15 @@ def _encode_in_worker(chunk: list[tuple[str, str, bool]], dtype: np.dtype) -> di
 
 def _encoded(chunks, tok: Tokenizer, dtype: np.dtype):
   """Yields (_encode_chunk result, chunk meta) in order: in this process at first, then in a pool of one worker
-  process per core once the text outgrows _POOL_MIN_CHARS (starting processes costs about a second)."""
+  process per core once the text outgrows _POOL_MIN_CHARS (starting processes costs about a second), unless the
+  tokenizer's own threads already use every core."""
   pending = collections.deque()
   pool, chars = None, 0
   workers = os.cpu_count() or 1
   try:
     for chunk, meta in chunks:
       chars += sum(len(text) for _, text, _ in chunk)
-      if pool is None and workers > 1 and chars > _POOL_MIN_CHARS:
+      if pool is None and workers > 1 and chars > _POOL_MIN_CHARS and not tok.saturates_cores:
         # forkserver, not fork: this process runs JAX's threads, which a forked child must not inherit.
         pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("forkserver"),
                                                       initializer=_init_worker, initargs=(tok,))

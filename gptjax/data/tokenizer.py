@@ -41,6 +41,9 @@ class Tokenizer(abc.ABC):
 
   # Threads an encode_batch call may use; 1 in the worker processes of a pool that already uses every core.
   threads = os.cpu_count()
+  # Whether encode_batch alone keeps every core busy (GIL-free threads and little Python per text): then a pool of
+  # worker processes only adds pickling (gptjax.data.prepare).
+  saturates_cores = False
 
   def __init__(self, kind: str, payload: bytes, vocab_size: int, eos_id: int):
     self.kind = kind
@@ -214,6 +217,8 @@ class GPT2Tokenizer(Tokenizer):
   Text that contains the literal string '<|endoftext|>' is encoded as ordinary text, never as EOS (tiktoken's
   encode_ordinary): documents cannot fake a boundary. Lone surrogates (from JSON escapes) become U+FFFD.
   """
+
+  saturates_cores = True  # tiktoken encodes in GIL-free threads
 
   def __init__(self, payload: bytes):
     spec = json.loads(payload)
