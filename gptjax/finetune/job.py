@@ -31,6 +31,10 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   """The job of a fine-tuning config in `workdir`."""
   del resuming  # the base is loaded either way: it is the frozen part, or the shape of the trained one
   tasks.validate(config)
+  dp = config_lib.data_parallel_degree(config, jax.device_count())
+  if config.task.eval_batch_size % dp:
+    raise config_lib.ConfigError(f"task.eval_batch_size={config.task.eval_batch_size} must be a multiple of the "
+                                 f"data-parallel degree {dp} (each device scores its rows).")
   task = tasks.make_task(config.task)
   base = loader.load_model(config.checkpoint.init_from, mesh)
   tokenizer, model_cfg = base.tokenizer, base.model_cfg
