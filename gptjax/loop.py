@@ -146,6 +146,7 @@ def run(config, workdir: str) -> RunInfo:
   step = first_step
   finished = []  # perf_counter() as each step of this run finishes (the first one includes the compile)
   window_start, window_tokens = time.perf_counter(), 0
+  tokens_run = 0  # this run's tokens (fine-tuning batches vary in length)
   bar = tqdm(total=job.steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
 
@@ -177,6 +178,7 @@ def run(config, workdir: str) -> RunInfo:
         state = job.after_step(state, step)
       profiler.after_step(step, (state, step_metrics))
       window_tokens += job.tokens(local) * jax.process_count()
+      tokens_run += job.tokens(local) * jax.process_count()
       if in_flight is not None:
         jax.block_until_ready(in_flight)
         finished.append(time.perf_counter())
@@ -227,8 +229,10 @@ def run(config, workdir: str) -> RunInfo:
     save(evaluation.get("val_loss"))
   mngr.wait_until_finished()
   extra, samples = job.finish(state, step)
+  # Tokens per step as run: the full windows of pretraining, the padded rows of fine-tuning (on average).
+  tokens_per_step = tokens_run / (step - first_step) if step > first_step else tokens_per_step
   summary = summarize(
-      step=step, steps_run=step - first_step, tokens_seen=step * tokens_per_step,
+      step=step, steps_run=step - first_step, tokens_seen=round(step * tokens_per_step),
       wall_seconds=time.time() - start_time, step_seconds=np.diff(finished), tokens_per_step=tokens_per_step,
       flops_per_sec_at_peak=peak_flops * n_devices / job.flops_per_token, train_loss=train_loss,
       checkpoint=f"{mngr.directory}/{step}", stopped_by=stop.reason, **evaluation, **extra)

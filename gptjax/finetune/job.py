@@ -135,10 +135,19 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
                                                              out_shardings=shardings)(trainable),
              batches=batches, evaluate=evaluate, finish=finish,
              tokens=lambda batch: int(batch["tokens"].size), steps=config.train.steps,
-             flops_per_token=flops_per_token(model_cfg, count_params(base.params, exclude_position=True), max_len),
+             flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),
              description=description, objective=objective, frozen=frozen or None,
              frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
              use_dropout=dropout > 0)
+
+
+def _flops_per_token(model_cfg, params, kind: str, lora_cfg, seq: int) -> float:
+  """Training FLOPs per token (for MFU): 6N + attention, without the LM head's matmul for the tasks that do not
+  use it (classification, NER), and without the weight gradients (2N) of a frozen base under adapters."""
+  n = count_params(params, exclude_position=True)
+  if kind != "sft":
+    n -= params["wte"]["embedding"].size
+  return flops_per_token(model_cfg, n, seq) - (2 * n if lora_cfg is not None else 0)
 
 
 def train_batches(arrays: dict, keys, batch_size: int, seed: int) -> grain.DatasetIterator:
