@@ -79,7 +79,9 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
     raise checkpoint.CheckpointError(f"{path!r} holds no fine-tuned model ({TASK_FILE} missing): pass the workdir "
                                      "of a fine-tuning run or its finetuned/ directory.")
   meta = paths.read_json(os.path.join(directory, TASK_FILE))
-  config = ml_collections.ConfigDict(meta["config"])
+  # The current defaults fill in fields added since the model was saved (e.g. task.words_field).
+  config = tasks.add_task_config(config_lib.default_config(), meta["config"]["task"]["kind"])
+  config.update(meta["config"])
   base_config = ml_collections.ConfigDict(meta["base_config"])
   tokenizer = checkpoint.tokenizer_from_files(meta["tokenizer"])
   lora_cfg = lora_config(config)
