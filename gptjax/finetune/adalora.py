@@ -1,6 +1,7 @@
 """AdaLoRA (Zhang et al. 2023, HF peft's semantics): SVD-form adapters whose ranks follow a budget, as pure functions.
 
-An adapter for a kernel seen as [in, out] is a triplet set {"a": P [..., in, r], "e": Λ [..., r], "b": Q [..., r, out]};
+An adapter for a kernel seen as [in, out] is a triplet set {"a": P [..., in, r], "e": Λ [..., r],
+"b": Q [..., r, out]};
 the projection adds (alpha / r_init) * ((x·P)·Λ)·Q, Λ acting elementwise on the r axis. Leading dims `...` stack
 layers, each layer its own r triplets. A triplet is masked by zeroing its Λ entry; gradients still reach it, so a
 later allocation may revive it until the final phase freezes the mask.
@@ -21,11 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-
-def defaults() -> dict:
-  """peft's AdaLoraConfig defaults (lora_alpha is LoraConfig's: peft scales by lora_alpha / init_r)."""
-  return {"init_r": 12, "target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
-          "orth_reg_weight": 0.5, "lora_alpha": 8.0}
+from gptjax.finetune import lora
 
 
 def totals(adapters: dict, target_r: int) -> tuple[int, int]:
@@ -127,7 +124,7 @@ def flat(tree: dict, prefix: str = "") -> dict:
   """{'blocks/attn/qkv_adapter': {'a', 'e', 'b'}, ...}: the adapters of a model's parameter tree by path."""
   out = {}
   for key, value in tree.items():
-    if str(key).endswith("_adapter"):
+    if lora.is_adapter(key):
       out[prefix + str(key)] = value
     elif isinstance(value, dict):
       out.update(flat(value, f"{prefix}{key}/"))
@@ -136,7 +133,7 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 def _unflat(adapters: dict, like: dict, prefix: str = "") -> dict:
   """`like` (a parameter tree) with its adapters replaced by `adapters` ({path: adapter}, as `flat` gives)."""
-  return {key: adapters[prefix + str(key)] if str(key).endswith("_adapter") else
+  return {key: adapters[prefix + str(key)] if lora.is_adapter(key) else
           _unflat(adapters, value, f"{prefix}{key}/") if isinstance(value, dict) else value
           for key, value in like.items()}
 

@@ -131,8 +131,9 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
       f" of the base's) | {config.train.steps} steps ({steps_per_epoch} per epoch, batch {t.batch_size})"]
   batches = train_batches(train_data, task.batch_keys, t.batch_size, t.seed)
   return Job(config=config, model_cfg=run_cfg, graphdef=graphdef, tokenizer=tokenizer, tx=tx, abstract=abstract,
-             shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx),
-                                                             out_shardings=shardings)(trainable),
+             # Donated: full fine-tuning's step 0 takes over the loaded base instead of copying it.
+             shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx), out_shardings=shardings,
+                                                             donate_argnums=0)(trainable),
              batches=batches, evaluate=evaluate, finish=finish,
              tokens=lambda batch: int(batch["tokens"].size), steps=config.train.steps,
              flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),

@@ -43,7 +43,8 @@ def with_adapters(model_cfg, method: str, rank: int, alpha: float, targets):
                              adapter_targets=tuple(targets))
 
 
-def _is_adapter(key) -> bool:
+def is_adapter(key) -> bool:
+  """Whether a parameter-tree key names an adapter (`qkv_adapter`, ...)."""
   return str(key).endswith("_adapter")
 
 
@@ -51,7 +52,7 @@ def partition(params: dict) -> tuple[dict, dict]:
   """(adapters, base): the parameter tree split into two trees of the same nesting, adapters on one side."""
   adapters, base = {}, {}
   for key, value in params.items():
-    if _is_adapter(key):
+    if is_adapter(key):
       adapters[key] = value
     elif isinstance(value, dict):
       inner_adapters, base[key] = partition(value)
@@ -66,7 +67,7 @@ def combine(base: dict, adapters: dict) -> dict:
   """The full parameter tree from `partition`'s two halves."""
   out = dict(base)
   for key, value in adapters.items():
-    out[key] = combine(base[key], value) if key in base and not _is_adapter(key) else value
+    out[key] = combine(base[key], value) if key in base and not is_adapter(key) else value
   return out
 
 
@@ -86,8 +87,8 @@ def merge(params: dict, scale: float) -> dict:
   """A tree with adapters (e.g. `combine`'s) as a plain GPT tree: each kernel W + delta, the adapters dropped."""
   out = {}
   for key, value in params.items():
-    if _is_adapter(key) or not isinstance(value, dict):
-      if not _is_adapter(key):
+    if is_adapter(key) or not isinstance(value, dict):
+      if not is_adapter(key):
         out[key] = value
       continue
     out[key] = merge(value, scale)

@@ -1,10 +1,11 @@
 """Token classification (NER): the CoNLL reader, first-subword label alignment, a per-token head, entity metrics.
 
 Each word is encoded on its own with a leading space (as in running text) and its label sits on its first
-subword (the first one that is more than that space); the other subwords are ignored in the loss and in scoring. A causal model's first subword of a word
-has not seen what follows ("New" before "York"), so by default the sentence is given twice, `echo`: words EOS
-words, and the labels sit on the second copy, whose tokens have seen the whole sentence (the trick of "echo
-embeddings", Springer et al. 2024). The sequence costs twice the tokens; `task.echo=False` turns it off.
+subword (the first one that is more than that space); the other subwords are ignored in the loss and in scoring.
+A causal model's first subword of a word has not seen what follows ("New" before "York"), so by default the
+sentence is given twice, `echo`: words EOS words, and the labels sit on the second copy, whose tokens have seen the
+whole sentence (the trick of "echo embeddings", Springer et al. 2024). The sequence costs twice the tokens;
+`task.echo=False` turns it off.
 """
 
 import dataclasses

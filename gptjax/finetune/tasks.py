@@ -162,7 +162,8 @@ def make_task(task_cfg) -> Task:
     return Task(lambda p: sft.read_conversations(p, task_cfg.prompt_field, task_cfg.response_field,
                                                  task_cfg.messages_field),
                 lambda examples: [], lambda tok, ex, labels, n: sft.encode(tok, ex, n),
-                lambda n_embd, n_labels, key: {}, sft.loss, _sft_report, ("loss", "token_accuracy"), ("tokens", "targets"))
+                lambda n_embd, n_labels, key: {}, sft.loss, _sft_report, ("loss", "token_accuracy"),
+                ("tokens", "targets"))
   raise ConfigError(f"task.kind={task_cfg.kind!r}: choose one of {KINDS}.")
 
 
