@@ -56,7 +56,7 @@ def main():
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--remat", default="none", choices=["none", "dots", "full"],
+  parser.add_argument("--remat", default="none", choices=["none", "dots", "qkv_fc", "full"],
                       help="model.remat for both methods (full: only each block's input is kept for backward)")
   args = parser.parse_args()
   config = config_lib.gpt2_config(args.size)

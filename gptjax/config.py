@@ -59,7 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.attention = "auto"
   # Run the blocks with lax.scan over stacked weights (fast compiles); False = Python loop.
   m.scan_layers = True
-  # Rematerialisation of each block in the backward pass: 'none', 'full', or 'dots' (save matmul outputs).
+  # Rematerialisation of each block in the backward pass: 'none', 'full', 'dots' (save matmul outputs) or 'qkv_fc'
+  # (save only the qkv and MLP-hidden projections: no matmul is recomputed, less memory than 'dots').
   m.remat = "none"
 
   c.data = d = ml_collections.ConfigDict()
@@ -237,8 +238,8 @@ def validate(config, n_devices: int) -> None:
   if m.attention not in ("auto", "xla", "cudnn", "causal_blocks", "pallas"):
     raise ConfigError(f"model.attention={m.attention!r}: use 'auto', 'xla', 'cudnn' (NVIDIA GPU), "
                       "'causal_blocks' or 'pallas' (TPU).")
-  if m.remat not in ("none", "full", "dots"):
-    raise ConfigError(f"model.remat={m.remat!r}: use 'none', 'full' or 'dots'.")
+  if m.remat not in ("none", "full", "dots", "qkv_fc"):
+    raise ConfigError(f"model.remat={m.remat!r}: use 'none', 'full', 'dots' or 'qkv_fc'.")
   if m.vocab_multiple <= 0:
     raise ConfigError(f"model.vocab_multiple={m.vocab_multiple} must be positive (1 = no padding).")
   d = config.data

@@ -15,7 +15,7 @@ from gptjax.finetune import adalora, lora, tasks
 def _init(key, lead, in_dim, out_dim, r):
   """An adapter {'a': P, 'e': Λ, 'b': Q} with peft's init (P, Q ~ N(0, 0.02), Λ zeros), as the model makes them."""
   a_key, b_key = jax.random.split(key)
-  return {"a": 0.02 * jax.random.normal(a_key, (*lead, in_dim, r)), "e": jnp.zeros((*lead, r)),
+  return {"a": 0.02 * jax.random.normal(a_key, (*lead, r, in_dim)), "e": jnp.zeros((*lead, r)),
           "b": 0.02 * jax.random.normal(b_key, (*lead, r, out_dim))}
 
 
@@ -91,11 +91,12 @@ def test_mask_count_is_exact_with_tied_scores(budget):
 def test_orthogonality_on_hand_made_adapters():
   s3 = math.sqrt(3.0)
   adapters = {
-      # P [3, 2] orthonormal columns: 0. Q = [[1, 1], [0, 1]]: Q Q^T - I = [[1, 1], [1, 0]], norm sqrt(3).
-      "x": {"a": jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), "e": jnp.ones(2),
+      # P [3, 2] (stored as Pᵀ) has orthonormal columns: 0. Q = [[1, 1], [0, 1]]: Q Q^T - I = [[1, 1], [1, 0]],
+      # norm sqrt(3).
+      "x": {"a": jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "e": jnp.ones(2),
             "b": jnp.array([[1.0, 1.0], [0.0, 1.0]])},
       # 2 layers, r = 1: P = 0 gives |0 - 1| = 1 per layer; Q = [2], [0] give |4 - 1| = 3 and |0 - 1| = 1.
-      "y": {"a": jnp.zeros((2, 4, 1)), "e": jnp.ones((2, 1)), "b": jnp.array([[[2.0]], [[0.0]]])}}
+      "y": {"a": jnp.zeros((2, 1, 4)), "e": jnp.ones((2, 1)), "b": jnp.array([[[2.0]], [[0.0]]])}}
   np.testing.assert_allclose(adalora.orthogonality(adapters), (0 + s3 + 1 + 1 + 3 + 1) / 6, rtol=1e-6)
   grads = jax.grad(adalora.orthogonality)(adapters)  # the exactly orthonormal P must not give NaN
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
@@ -104,16 +105,16 @@ def test_orthogonality_on_hand_made_adapters():
 
 def test_importance_ema_after_two_updates():
   beta1, beta2 = 0.8, 0.5
-  adapters = {"x": {"a": jnp.array([[2.0], [1.0]]), "e": jnp.array([1.0]), "b": jnp.array([[0.0, 3.0]])}}
-  grads = {"x": {"a": jnp.array([[-0.5], [0.0]]), "e": jnp.array([2.0]), "b": jnp.array([[5.0, 1.0]])}}
+  adapters = {"x": {"a": jnp.array([[2.0, 1.0]]), "e": jnp.array([1.0]), "b": jnp.array([[0.0, 3.0]])}}
+  grads = {"x": {"a": jnp.array([[-0.5, 0.0]]), "e": jnp.array([2.0]), "b": jnp.array([[5.0, 1.0]])}}
   state = adalora.update_importance(adalora.init_importance(adapters), adapters, grads, beta1, beta2)
-  adapters2 = {"x": {"a": jnp.array([[-1.0], [1.0]]), "e": jnp.array([0.5]), "b": jnp.array([[1.0, 3.0]])}}
-  grads2 = {"x": {"a": jnp.array([[3.0], [4.0]]), "e": jnp.array([2.0]), "b": jnp.array([[1.0, 0.0]])}}
+  adapters2 = {"x": {"a": jnp.array([[-1.0, 1.0]]), "e": jnp.array([0.5]), "b": jnp.array([[1.0, 3.0]])}}
+  grads2 = {"x": {"a": jnp.array([[3.0, 4.0]]), "e": jnp.array([2.0]), "b": jnp.array([[1.0, 0.0]])}}
   state = adalora.update_importance(state, adapters2, grads2, beta1, beta2)
   # Per element, I1 = |p1 g1|, I2 = |p2 g2|: Ibar1 = 0.2 I1, U1 = 0.5 |I1 - Ibar1|;
   # Ibar2 = 0.8 Ibar1 + 0.2 I2, U2 = 0.5 U1 + 0.5 |I2 - Ibar2|.
-  i1 = {"a": [[1.0], [0.0]], "e": [2.0], "b": [[0.0, 3.0]]}
-  i2 = {"a": [[3.0], [4.0]], "e": [1.0], "b": [[1.0, 0.0]]}
+  i1 = {"a": [[1.0, 0.0]], "e": [2.0], "b": [[0.0, 3.0]]}
+  i2 = {"a": [[3.0, 4.0]], "e": [1.0], "b": [[1.0, 0.0]]}
   for leaf in ("a", "e", "b"):
     ibar1, x1, x2 = 0.2 * np.array(i1[leaf]), np.array(i1[leaf]), np.array(i2[leaf])
     ibar2 = 0.8 * ibar1 + 0.2 * x2
@@ -125,7 +126,7 @@ def test_importance_ema_after_two_updates():
 
 
 def test_triplet_scores_combine_value_and_vector_scores():
-  state = {"ipt": {"x": {"a": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "e": jnp.array([1.0, 0.5]),
+  state = {"ipt": {"x": {"a": jnp.array([[1.0, 3.0], [2.0, 4.0]]), "e": jnp.array([1.0, 0.5]),
                          "b": jnp.array([[1.0, 1.0, 1.0], [0.0, 3.0, 0.0]])}},
            "unc": {"x": {"a": jnp.full((2, 2), 2.0), "e": jnp.array([1.0, 4.0]), "b": jnp.ones((2, 3))}}}
   # s(Λ) = [1, 2]; P's columns [2, 6] and [4, 8] average to [4, 6]; Q's rows average to [1, 1].
@@ -141,7 +142,7 @@ def test_delta_equals_the_unmerged_computation(lead):
   adapter["e"] = jax.random.normal(keys[1], lead + (r,)).at[..., 1].set(0.0)  # a masked triplet among them
   x_BI = jax.random.normal(keys[2], (7, 6))
   delta = lora.delta(adapter, alpha / r)
-  unmerged = alpha / r * jnp.einsum("...br,...ro->...bo", jnp.einsum("bi,...ir->...br", x_BI, adapter["a"])
+  unmerged = alpha / r * jnp.einsum("...br,...ro->...bo", jnp.einsum("bi,...ri->...br", x_BI, adapter["a"])
                                     * adapter["e"][..., None, :], adapter["b"])
   np.testing.assert_allclose(jnp.einsum("bi,...io->...bo", x_BI, delta), unmerged, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(unmerged).max()) > 1e-4

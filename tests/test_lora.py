@@ -101,7 +101,8 @@ def test_merge_of_a_hand_made_tree_equals_numpy():
   w_LIO, bias_O = rng.randn(2, 5, 7).astype(np.float32), rng.randn(7).astype(np.float32)
   a_LIR, b_LRO, e_LR = (rng.randn(*s).astype(np.float32) for s in ((2, 5, 3), (2, 3, 7), (2, 3)))
   x_BI = rng.randn(4, 5).astype(np.float32)
-  for adapter, a_eff in (({"a": a_LIR, "b": b_LRO}, a_LIR), ({"a": a_LIR, "b": b_LRO, "e": e_LR}, a_LIR * e_LR[:, None])):
+  a_LRI = a_LIR.transpose(0, 2, 1)  # stored as Aᵀ
+  for adapter, a_eff in (({"a": a_LRI, "b": b_LRO}, a_LIR), ({"a": a_LRI, "b": b_LRO, "e": e_LR}, a_LIR * e_LR[:, None])):
     params = {"blocks": {"mlp": {"fc": {"kernel": jnp.asarray(w_LIO), "bias": jnp.asarray(bias_O)},
                                  "fc_adapter": jax.tree.map(jnp.asarray, adapter)}}}
     merged = lora.merge(params, scale=2.0)
@@ -115,11 +116,11 @@ def test_merge_of_a_hand_made_tree_equals_numpy():
 
 
 def test_init_adapters_shapes_and_scale():
-  """LoRA: A [..., in, r] ~ N(0, 1/in), B zeros; AdaLoRA (as peft): P, Q ~ N(0, 0.02), Λ zeros."""
+  """LoRA: A [..., r, in] ~ N(0, 1/in), B zeros; AdaLoRA (as peft): P, Q ~ N(0, 0.02), Λ zeros."""
   _, _, adapters = _adapted(True, rank=8, targets=("qkv", "out"))
   attn = adapters["blocks"]["attn"]
   assert {k: (v["a"].shape, v["b"].shape) for k, v in attn.items()} == {
-      "qkv_adapter": ((L, D, 8), (L, 8, 3 * D)), "out_adapter": ((L, D, 8), (L, 8, D))}
+      "qkv_adapter": ((L, 8, D), (L, 8, 3 * D)), "out_adapter": ((L, 8, D), (L, 8, D))}
   a = np.asarray(attn["qkv_adapter"]["a"])
   assert 0.7 / np.sqrt(D) < a.std() < 1.3 / np.sqrt(D)  # 512 samples: within 30% of 1/sqrt(in)
   assert not np.asarray(attn["qkv_adapter"]["b"]).any()

@@ -49,7 +49,7 @@ def _unstack(params, n_layer):
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
-                                     dict(attention="causal_blocks"), dict(attention="pallas")])
+                                     dict(remat="qkv_fc"), dict(attention="causal_blocks"), dict(attention="pallas")])
 def test_switches_give_the_same_loss_and_gradients(variant):
   tokens = jnp.asarray(random_tokens((2, 65), vocab=96))
   loss, grads = _loss_and_grads(_model(), tokens)

@@ -1,7 +1,7 @@
 """AdaLoRA (Zhang et al. 2023, HF peft's semantics): SVD-form adapters whose ranks follow a budget, as pure functions.
 
-An adapter for a kernel seen as [in, out] is a triplet set {"a": P [..., in, r], "e": Λ [..., r],
-"b": Q [..., r, out]};
+An adapter for a kernel seen as [in, out] is a triplet set {"a": Pᵀ [..., r, in] (peft's lora_A layout),
+"e": Λ [..., r], "b": Q [..., r, out]};
 the projection adds (alpha / r_init) * ((x·P)·Λ)·Q, Λ acting elementwise on the r axis. Leading dims `...` stack
 layers, each layer its own r triplets. A triplet is masked by zeroing its Λ entry; gradients still reach it, so a
 later allocation may revive it until the final phase freezes the mask.
@@ -70,7 +70,7 @@ def orthogonality(adapters: dict) -> jax.Array:
   norms = []
   for adapter in adapters.values():
     eye_RR = jnp.eye(adapter["e"].shape[-1], dtype=adapter["a"].dtype)
-    norms.append(_fro(jnp.einsum("...ir,...is->...rs", adapter["a"], adapter["a"]) - eye_RR).reshape(-1))
+    norms.append(_fro(jnp.einsum("...ri,...si->...rs", adapter["a"], adapter["a"]) - eye_RR).reshape(-1))
     norms.append(_fro(jnp.einsum("...ro,...so->...rs", adapter["b"], adapter["b"]) - eye_RR).reshape(-1))
   return jnp.mean(jnp.concatenate(norms))
 
@@ -92,7 +92,7 @@ def update_importance(state: dict, adapters: dict, grads: dict, beta1: float, be
 def triplet_scores(state: dict) -> dict:
   """{name: [..., r]}: s(Λ_i) + mean over in of s(P[:, i]) + mean over out of s(Q[i, :]), s = Ibar * Ubar."""
   s = jax.tree.map(jnp.multiply, state["ipt"], state["unc"])
-  return {name: s_n["e"] + jnp.mean(s_n["a"], axis=-2) + jnp.mean(s_n["b"], axis=-1) for name, s_n in s.items()}
+  return {name: s_n["e"] + jnp.mean(s_n["a"], axis=-1) + jnp.mean(s_n["b"], axis=-1) for name, s_n in s.items()}
 
 
 def apply_mask(adapters: dict, keep: dict) -> dict:

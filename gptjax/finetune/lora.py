@@ -79,8 +79,8 @@ def init_adapters(model_cfg, key: jax.Array) -> dict:
 
 def delta(adapter: dict, scale: float) -> jax.Array:
   """The dense update scale·A·B (AdaLoRA: scale·P·diag(Λ)·Q), [..., in, out]."""
-  a = adapter["a"] * adapter["e"][..., None, :] if "e" in adapter else adapter["a"]
-  return scale * jnp.matmul(a, adapter["b"])
+  a = adapter["a"] * adapter["e"][..., :, None] if "e" in adapter else adapter["a"]
+  return scale * jnp.matmul(jnp.swapaxes(a, -1, -2), adapter["b"])
 
 
 def merge(params: dict, scale: float) -> dict:
