@@ -1,5 +1,6 @@
 """Fine-tuning tasks: NER alignment and metrics, SFT masks, readers' errors, and whole runs through the runner."""
 
+import itertools
 import json
 import os
 import random
@@ -41,12 +42,38 @@ def test_ner_labels_sit_on_each_words_first_subword():
   np.testing.assert_array_equal(echo["tokens"][0, :37], np.concatenate([ids, [tok.eos_id], ids]))
   assert echo["lengths"][0] == 37
   np.testing.assert_array_equal(np.flatnonzero(echo["labels"][0] != ner.IGNORE), [20, 23, 31])
+  # Too long for two copies: the scored copy stays whole and the first copy keeps what fits (25 - 1 - 18 = 6).
+  short = ner.encode(tok, [s], labels, max_len=25, echo=True)
+  np.testing.assert_array_equal(short["tokens"][0], np.concatenate([ids[:6], [tok.eos_id], ids]))
+  np.testing.assert_array_equal(short["word_positions"][0], [8, 11, 19])
+  np.testing.assert_array_equal(short["labels"][0, [8, 11, 19]], [1, 2, 0])
   # A cut sentence keeps the words whose first subword fits; the rest are predicted 'O' and scored.
   cut = ner.encode(tok, [s], labels, max_len=9, echo=False)
   np.testing.assert_array_equal(cut["word_positions"][0], [1, 4, -1])
-  predictions = np.zeros((1, 9), np.int32)
-  predictions[0, [1, 4]] = [1, 2]
-  assert ner.word_predictions([s], cut["word_positions"], predictions, labels) == [["B-ORG", "O", "O"]]
+  log_probs = np.full((1, 9, 3), -5.0)
+  log_probs[0, [1, 4], [1, 2]] = -0.1
+  for constrained in (True, False):
+    assert ner.word_predictions([s], cut["word_positions"], log_probs, labels, constrained) == [["B-ORG", "O", "O"]]
+
+
+def test_bio_decoding_is_the_best_valid_sequence():
+  """Viterbi under the BIO constraint equals brute force over every valid sequence; argmax may be invalid."""
+  labels = ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
+  allowed = ner.bio_transitions(labels)
+  valid = lambda seq: all(not labels[t].startswith("I-") or (i > 0 and labels[seq[i - 1]][2:] == labels[t][2:])
+                          for i, t in enumerate(seq))
+  rng = np.random.default_rng(0)
+  for n_words in (1, 2, 4, 5):
+    for _ in range(20):
+      scores = np.log(rng.dirichlet(np.ones(5), n_words))
+      best = max((seq for seq in itertools.product(range(5), repeat=n_words) if valid(seq)),
+                 key=lambda seq: scores[np.arange(n_words), seq].sum())
+      np.testing.assert_array_equal(ner.viterbi(scores, allowed), best)
+  # "I-PER O I-LOC" by argmax; the best valid reading starts each entity with B-.
+  scores = np.log(np.array([[0.1, 0.35, 0.05, 0.4, 0.1], [0.05, 0.05, 0.05, 0.05, 0.8],
+                            [0.3, 0.05, 0.6, 0.0, 0.05]]) + 1e-9)
+  assert [labels[t] for t in scores.argmax(-1)] == ["I-PER", "O", "I-LOC"]
+  assert [labels[t] for t in ner.viterbi(scores, allowed)] == ["B-PER", "O", "B-LOC"]
 
 
 def test_entity_metrics_count_partial_spans_wrong():
@@ -248,3 +275,26 @@ def test_evaluate_cli_scores_a_fine_tuned_model(tmp_path):
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["token_accuracy"] == json.loads((workdir / "eval" / "report.json").read_text())["token_accuracy"]
   assert (tmp_path / "cli" / "predictions.jsonl").exists()
+
+
+def test_length_grouped_batches_cover_each_epoch_and_resume():
+  """group_by_length: each epoch still holds every row once; a batch's rows are neighbours in length within their
+  draw; the order is the seed's and resumes from the iterator's state."""
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 200, 64).astype(np.int32)
+  arrays = {"tokens": np.zeros((64, 256), np.int32), "lengths": lengths, "labels": np.arange(64, dtype=np.int32)}
+  take = lambda it, n: [next(it)["labels"] for _ in range(n)]
+  batches = take(finetune_job.train_batches(arrays, ("tokens", "lengths", "labels"), 4, seed=3, group=4), 32)
+  for epoch in (batches[:16], batches[16:]):  # 64 rows / 4 per batch
+    assert sorted(np.concatenate(epoch)) == list(range(64))
+  for start in range(0, 32, 4):  # one draw of 16 rows: its 4 batches are disjoint length ranges
+    spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches[start:start + 4])
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:]))
+  plain = take(finetune_job.train_batches(arrays, ("tokens", "lengths", "labels"), 4, seed=3), 16)
+  padded = lambda bs: sum(trainer.bucket_length(lengths[b], 256) for b in bs)
+  assert padded(batches[:16]) < padded(plain)
+  it = finetune_job.train_batches(arrays, ("tokens", "lengths", "labels"), 4, seed=3, group=4)
+  take(it, 5)
+  resumed = finetune_job.train_batches(arrays, ("tokens", "lengths", "labels"), 4, seed=3, group=4)
+  resumed.set_state(it.get_state())
+  np.testing.assert_array_equal(np.stack(take(resumed, 6)), np.stack(batches[5:11]))

@@ -129,7 +129,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
       "are cut)",
       f"training {what}: {metrics.format_count(n_trainable)} trainable parameters ({100 * n_trainable / n_base:.2f}%"
       f" of the base's) | {config.train.steps} steps ({steps_per_epoch} per epoch, batch {t.batch_size})"]
-  batches = train_batches(train_data, task.batch_keys, t.batch_size, t.seed)
+  batches = train_batches(train_data, task.batch_keys, t.batch_size, t.seed, config.task.group_by_length)
   return Job(config=config, model_cfg=run_cfg, graphdef=graphdef, tokenizer=tokenizer, tx=tx, abstract=abstract,
              # Donated: full fine-tuning's step 0 takes over the loaded base instead of copying it.
              shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx), out_shardings=shardings,
@@ -151,15 +151,23 @@ def _flops_per_token(model_cfg, params, kind: str, lora_cfg, seq: int) -> float:
   return flops_per_token(model_cfg, n, seq) - (2 * n if lora_cfg is not None else 0)
 
 
-def train_batches(arrays: dict, keys, batch_size: int, seed: int) -> grain.DatasetIterator:
+def train_batches(arrays: dict, keys, batch_size: int, seed: int, group: int = 1) -> grain.DatasetIterator:
   """Endless batches of rows reshuffled every epoch (Grain: the position resumes exactly from a checkpoint).
 
-  A global batch is cut to the bucket of its longest row; each process takes rows p, p + P, ... of it, so every
-  process sees the same length and the processes together hold the global batch.
+  With group > 1, `group` batches' worth of shuffled rows are drawn at once, sorted by length, split into batches
+  and those batches run in a random order: each batch holds rows of similar length (as HF's group_by_length), so
+  little of it is padding. A global batch is cut to the bucket of its longest row; each process takes rows
+  p, p + P, ... of it, so every process sees the same length and the processes together hold the global batch.
   """
   rows = len(arrays["lengths"])
   index, count = jax.process_index(), jax.process_count()
-  ds = grain.MapDataset.range(rows).shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+  draws = grain.MapDataset.range(rows).shuffle(seed=seed).repeat().batch(batch_size * group, drop_remainder=True)
+
+  def grouped(i, _):
+    draw = draws[i // group]
+    by_length = draw[np.argsort(arrays["lengths"][draw], kind="stable")].reshape(group, batch_size)
+    return by_length[np.random.default_rng([seed, i // group]).permutation(group)[i % group]]
+  ds = draws if group == 1 else grain.MapDataset.range(rows).repeat().map_with_index(grouped)
   ds = ds.map(lambda rows_B: {k: v[index::count] for k, v in trainer.take(arrays, rows_B, keys).items()})
   return iter(ds.to_iter_dataset())
 

@@ -5,7 +5,8 @@ subword (the first one that is more than that space); the other subwords are ign
 A causal model's first subword of a word has not seen what follows ("New" before "York"), so by default the
 sentence is given twice, `echo`: words EOS words, and the labels sit on the second copy, whose tokens have seen the
 whole sentence (the trick of "echo embeddings", Springer et al. 2024). The sequence costs twice the tokens;
-`task.echo=False` turns it off.
+`task.echo=False` turns it off. Where both copies do not fit max_len, the first copy is shortened, never the scored
+one.
 """
 
 import dataclasses
@@ -120,10 +121,13 @@ def encode(tokenizer, sentences: list[Sentence], labels: list[str], max_len: int
     pieces = tokenizer.encode_batch([" " + w for w in s.words])
     ids = np.concatenate(pieces).astype(np.int32)
     starts = np.cumsum([0] + [len(p) for p in pieces[:-1]]) + [_first_visible(tokenizer, p, blank) for p in pieces]
-    # The scored copy starts after the first one and its EOS; a copy is cut to fit max_len.
-    copy_len = min(len(ids), (max_len - 1) // 2 if echo else max_len)
-    offset = copy_len + 1 if echo else 0
-    row = np.concatenate([ids[:copy_len], [tokenizer.eos_id], ids[:copy_len]]) if echo else ids[:copy_len]
+    # The scored copy starts after the first one and its EOS. A sentence too long for both copies keeps the whole
+    # scored copy and as much of the first as fits (its late words then see less of what follows them); only one
+    # too long for a single copy loses words.
+    copy_len = min(len(ids), max_len - 1 if echo else max_len)
+    first_len = min(len(ids), max_len - 1 - copy_len) if echo else 0
+    offset = first_len + 1 if echo else 0
+    row = np.concatenate([ids[:first_len], [tokenizer.eos_id], ids[:copy_len]]) if echo else ids[:copy_len]
     arrays["tokens"][n, :len(row)] = row
     arrays["lengths"][n] = len(row)
     kept = starts < copy_len
@@ -145,21 +149,53 @@ def _first_visible(tokenizer, piece_ids: np.ndarray, blank: dict) -> int:
 
 
 def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over labelled positions, predicted tag ids [B, T]) of {'tokens', 'labels', ...}."""
+  """(mean cross-entropy over labelled positions, tag log-probabilities [B, T, C]) of {'tokens', 'labels', ...}."""
   logits_BTC = model(batch["tokens"], dropout_key).astype(jnp.float32) @ head["kernel"] + head["bias"]
   labels_BT = batch["labels"]
   scored_BT = labels_BT != IGNORE
   losses_BT = classify.cross_entropy(logits_BTC, jnp.where(scored_BT, labels_BT, 0))
-  return (losses_BT * scored_BT).sum() / jnp.maximum(scored_BT.sum(), 1), logits_BTC.argmax(-1)
+  return (losses_BT * scored_BT).sum() / jnp.maximum(scored_BT.sum(), 1), jax.nn.log_softmax(logits_BTC)
 
 
-def word_predictions(sentences: list[Sentence], word_positions_NW: np.ndarray, predictions_NT: np.ndarray,
-                     labels: list[str]) -> list[list[str]]:
-  """Each sentence's predicted tags, one per word; a word cut off by max_len is predicted 'O'."""
+def word_predictions(sentences: list[Sentence], word_positions_NW: np.ndarray, log_probs_NTC: np.ndarray,
+                     labels: list[str], constrained: bool = True) -> list[list[str]]:
+  """Each sentence's predicted tags, one per word: the most likely valid BIO sequence (`constrained`) or each
+  word's most likely tag; a word cut off by max_len is predicted 'O'."""
+  allowed = bio_transitions(labels)
   out = []
-  for s, positions, predicted in zip(sentences, word_positions_NW, predictions_NT):
-    out.append([labels[predicted[p]] if p >= 0 else "O" for p in positions[:len(s.words)]])
+  for s, positions, log_probs_TC in zip(sentences, word_positions_NW, log_probs_NTC):
+    kept = positions[:len(s.words)][positions[:len(s.words)] >= 0]
+    scores_WC = log_probs_TC[kept]
+    tags = viterbi(scores_WC, allowed) if constrained else scores_WC.argmax(-1)
+    out.append([labels[t] for t in tags] + ["O"] * (len(s.words) - len(kept)))
   return out
+
+
+def bio_transitions(labels: list[str]) -> np.ndarray:
+  """allowed [C + 1, C]: row c says which tags may follow tag c; the last row is the sentence start. I-X may only
+  follow B-X or I-X (as the data is annotated in IOB2); every other tag may follow anything."""
+  allowed = np.ones((len(labels) + 1, len(labels)), bool)
+  for j, tag in enumerate(labels):
+    if tag.startswith("I-"):
+      allowed[:, j] = [prev in ("B-" + tag[2:], tag) for prev in labels] + [False]
+  return allowed
+
+
+def viterbi(scores_WC: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+  """The tag ids [W] with the largest summed score among sequences that `allowed` permits (bio_transitions)."""
+  if not len(scores_WC):
+    return np.zeros(0, np.int64)
+  penalty = np.where(allowed, 0.0, -np.inf)
+  best_C = scores_WC[0] + penalty[-1]
+  back_WC = np.zeros(scores_WC.shape, np.int64)
+  for w in range(1, len(scores_WC)):
+    candidates_CC = best_C[:, None] + penalty[:-1]  # [previous, current]
+    back_WC[w] = candidates_CC.argmax(0)
+    best_C = candidates_CC.max(0) + scores_WC[w]
+  tags = [int(best_C.argmax())]
+  for w in range(len(scores_WC) - 1, 0, -1):
+    tags.append(int(back_WC[w, tags[-1]]))
+  return np.array(tags[::-1])
 
 
 def entities(tags) -> set[tuple[str, int, int]]:

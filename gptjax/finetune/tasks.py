@@ -5,6 +5,7 @@ config has a `task` section (see configs/sst2.py, configs/conll2003_ner.py, conf
 """
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable
@@ -44,6 +45,13 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
   t.max_len = 0
   # NER: give the sentence twice and label the second copy, so each word's token has seen the whole sentence.
   t.echo = True
+  # NER: predict the most likely valid BIO tag sequence (I-X only after B-X or I-X; Viterbi over the words' tag
+  # probabilities) instead of each word's most likely tag. The report holds the other decoding's numbers too.
+  t.bio_decoding = True
+  # Batches' worth of shuffled rows sorted by length together, so each batch holds rows of similar length and is
+  # cut to a short bucket (1 = plain shuffled batches). CoNLL-2003 train with echo, batch 32: 0.97M tokens run per
+  # epoch instead of 2.65M (0.65M are not padding).
+  t.group_by_length = 32
   # Passes over the training file; sets train.steps (0 = use train.steps).
   t.epochs = 3.0
   # Rows per evaluation call.
@@ -105,6 +113,8 @@ def validate(config) -> None:
   if lo.method == "adalora" and not 0 < lo.target_r <= lo.rank:
     raise ConfigError(f"lora.target_r={lo.target_r} must be in 1..lora.rank={lo.rank} (AdaLoRA prunes from rank "
                       "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
+  if t.group_by_length < 1:
+    raise ConfigError(f"task.group_by_length={t.group_by_length}: use 1 (plain shuffled batches) or more.")
   if t.epochs < 0 or (t.epochs == 0 and config.train.steps <= 0):
     raise ConfigError(f"task.epochs={t.epochs}, train.steps={config.train.steps}: one of them must be positive.")
 
@@ -120,7 +130,7 @@ class Task:
   report: Callable[..., tuple[dict, list[dict]]]  # (examples, labels, arrays, predictions) -> (metrics, rows)
   headline: tuple[str, ...]  # metric names printed after each evaluation
   batch_keys: tuple[str, ...]  # the arrays the loss reads
-  token_predictions: bool = False  # predictions are [B, T] (one per token), not one per row
+  token_predictions: bool = False  # predictions are [B, T, ...] (per token), not one per row
 
 
 def _classify_report(examples, labels, data, predictions_N):
@@ -131,11 +141,16 @@ def _classify_report(examples, labels, data, predictions_N):
   return report, rows
 
 
-def _ner_report(sentences, labels, data, predictions_NT):
-  predicted = ner.word_predictions(sentences, data["word_positions"], predictions_NT, labels)
+def _ner_report(sentences, labels, data, log_probs_NTC, constrained=True):
+  predicted = ner.word_predictions(sentences, data["word_positions"], log_probs_NTC, labels, constrained)
   cut = int(sum(len(s.words) for s in sentences) - (data["word_positions"] >= 0).sum())
+  gold = [list(s.tags) for s in sentences]
+  # The other decoding's headline numbers too: what the BIO constraint buys, measured on every evaluation.
+  other = ner.metrics(gold, ner.word_predictions(sentences, data["word_positions"], log_probs_NTC, labels,
+                                                 not constrained))
   report = {"sentences": len(sentences), "labels": labels, "words_cut_by_max_len": cut,
-            **ner.metrics([list(s.tags) for s in sentences], predicted)}
+            "decoding": "bio" if constrained else "argmax", **ner.metrics(gold, predicted),
+            ("argmax" if constrained else "bio"): {k: other[k] for k in ("token_accuracy", "f1")}}
   rows = [{"where": s.where, "words": list(s.words), "tags": list(s.tags), "predicted": p}
           for s, p in zip(sentences, predicted)]
   return report, rows
@@ -157,7 +172,8 @@ def make_task(task_cfg) -> Task:
   if task_cfg.kind == "ner":
     return Task(lambda p: ner.read_conll(p, task_cfg.words_field, task_cfg.tags_field), ner.label_vocab,
                 lambda tok, ex, labels, n: ner.encode(tok, ex, labels, n, task_cfg.echo), classify.init_head,
-                ner.loss, _ner_report, ("token_accuracy", "f1"), ("tokens", "labels"), token_predictions=True)
+                ner.loss, functools.partial(_ner_report, constrained=task_cfg.bio_decoding),
+                ("token_accuracy", "f1"), ("tokens", "labels"), token_predictions=True)
   if task_cfg.kind == "sft":
     return Task(lambda p: sft.read_conversations(p, task_cfg.prompt_field, task_cfg.response_field,
                                                  task_cfg.messages_field),

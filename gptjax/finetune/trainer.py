@@ -94,7 +94,7 @@ def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, keys, batc
   """Predictions for every row of `arrays` ({name: [N, ...]}) in the rows' order, batch_size rows per call.
 
   Rows are run sorted by length, so a batch is cut to a short bucket; the last batch is padded by repeating a
-  row. Token-aligned predictions [B, T] are padded back to [N, max_len] with zeros.
+  row. Token-aligned predictions [B, T, ...] are padded back to [N, max_len, ...] with zeros.
   """
   n, max_len = arrays["tokens"].shape
   order = np.argsort(arrays["lengths"], kind="stable")
@@ -104,7 +104,7 @@ def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, keys, batc
     padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
     out = gather(predict(trainable, frozen, place(take(arrays, padded, keys))))[:len(rows)]
     if token_predictions:
-      out = np.pad(out, [(0, 0), (0, max_len - out.shape[1])])
+      out = np.pad(out, [(0, 0), (0, max_len - out.shape[1])] + [(0, 0)] * (out.ndim - 2))
     for row, o in zip(rows, out):
       outputs[row] = o
   return np.stack(outputs)
