@@ -1,5 +1,6 @@
 """Metric writers (JSONL, TensorBoard, optionally Weights & Biases), peak FLOP/s and MFU, progress, profiling."""
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -47,13 +48,16 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, config=None, tensorboard: bool = True, wandb: bool = False):
     self.active = jax.process_index() == 0
-    self._tb = self._wandb = self._file = None
+    self._tb = self._wandb = self._file = self._tb_pending = None
     if not self.active:
       return
     paths.makedirs(workdir)
     self._file = paths.open_append(os.path.join(workdir, "metrics.jsonl"))
     if tensorboard:
-      self._tb = _summary_writer(os.path.join(workdir, "tensorboard"))
+      # Importing tensorboardX takes ~2 s where torch is installed (it imports torch): a thread does it while the
+      # run compiles; the first write waits for it.
+      self._tb_pending = concurrent.futures.ThreadPoolExecutor(1).submit(
+          _summary_writer, os.path.join(workdir, "tensorboard"))
     if wandb:
       try:
         import wandb as wandb_lib
@@ -64,22 +68,28 @@ class MetricsWriter:
         self._wandb = wandb_lib.init(project=config.log.wandb_project, config=config.to_dict(),
                                      dir=paths.cache_dir() if paths.is_remote(workdir) else workdir)
 
+  def _tensorboard(self):
+    if self._tb_pending is not None:
+      self._tb, self._tb_pending = self._tb_pending.result(), None
+    return self._tb
+
   def write(self, step: int, **scalars) -> None:
     if not self.active:
       return
+    tb = self._tensorboard()
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     self._file.write((json.dumps(row) + "\n").encode())
     self._file.flush()
     for key, value in row.items():
-      if key != "step" and self._tb is not None:
-        self._tb.add_scalar(key, value, step)
+      if key != "step" and tb is not None:
+        tb.add_scalar(key, value, step)
     if self._wandb is not None:
       self._wandb.log(row, step=step)
 
   def close(self) -> None:
     if self._file:
       self._file.close()
-    if self._tb:
+    if self._tensorboard():
       self._tb.close()
     if self._wandb:
       self._wandb.finish()

@@ -163,6 +163,7 @@ def train_batches(arrays: dict, keys, batch_size: int, seed: int, group: int = 1
   p, p + P, ... of it, so every process sees the same length and the processes together hold the global batch.
   """
   rows = len(arrays["lengths"])
+  group = max(1, min(group, rows // batch_size))  # a draw is at most an epoch
   index, count = jax.process_index(), jax.process_count()
   draws = grain.MapDataset.range(rows).shuffle(seed=seed).repeat().batch(batch_size * group, drop_remainder=True)
 
