@@ -174,7 +174,6 @@ def _ner_config(tmp_path, base, rank, mesh=(-1, 1, 1), method="lora"):
                 eval_path=_write_conll(tmp_path / "dev.txt", 16, 1), epochs=4, eval_batch_size=8)
   c.checkpoint.init_from = base
   c.lora.update(rank=rank, method=method, target_r=max(rank // 2, 1))
-  c.task.group_by_length = 1  # plain shuffled batches here; grouping: test_length_grouped_batches_..., resume tests
   c.log.update(every_steps=8, tensorboard=False)
   return c
 
