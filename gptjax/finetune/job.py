@@ -13,6 +13,7 @@ after every epoch. The loop checkpoints and resumes it exactly like pretraining.
 """
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -167,11 +168,13 @@ def train_batches(arrays: dict, keys, batch_size: int, seed: int, group: int = 1
   index, count = jax.process_index(), jax.process_count()
   draws = grain.MapDataset.range(rows).shuffle(seed=seed).repeat().batch(batch_size * group, drop_remainder=True)
 
-  def grouped(i, _):
-    draw = draws[i // group]
+  @functools.lru_cache(maxsize=2)  # a draw is sorted once for its `group` batches
+  def draw_batches(d: int) -> np.ndarray:
+    draw = draws[d]
     by_length = draw[np.argsort(arrays["lengths"][draw], kind="stable")].reshape(group, batch_size)
-    return by_length[np.random.default_rng([seed, i // group]).permutation(group)[i % group]]
-  ds = draws if group == 1 else grain.MapDataset.range(rows).repeat().map_with_index(grouped)
+    return by_length[np.random.default_rng([seed, d]).permutation(group)]
+  ds = draws if group == 1 else grain.MapDataset.range(rows).repeat().map_with_index(
+      lambda i, _: draw_batches(i // group)[i % group])
   ds = ds.map(lambda rows_B: {k: v[index::count] for k, v in trainer.take(arrays, rows_B, keys).items()})
   return iter(ds.to_iter_dataset())
 

@@ -164,7 +164,8 @@ def word_predictions(sentences: list[Sentence], word_positions_NW: np.ndarray, l
   allowed = bio_transitions(labels)
   out = []
   for s, positions, log_probs_TC in zip(sentences, word_positions_NW, log_probs_NTC):
-    kept = positions[:len(s.words)][positions[:len(s.words)] >= 0]
+    positions = positions[:len(s.words)]
+    kept = positions[positions >= 0]
     scores_WC = log_probs_TC[kept]
     tags = viterbi(scores_WC, allowed) if constrained else scores_WC.argmax(-1)
     out.append([labels[t] for t in tags] + ["O"] * (len(s.words) - len(kept)))
