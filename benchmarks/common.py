@@ -55,6 +55,22 @@ def machine() -> dict:
   return info
 
 
+def stream_gbs(mib: int = 256, repeats: int = 5) -> float:
+  """Memory bandwidth in GB/s of a jitted STREAM triad a = b + 3c over float32 arrays of `mib` MiB each (reads b
+  and c, writes a): the most a memory-bound loop such as batch-1 decoding can read on this machine."""
+  import jax
+  import jax.numpy as jnp
+  n = mib * 2**20 // 4
+  arrays = {"b": jnp.ones((n,), jnp.float32), "c": jnp.full((n,), 2.0, jnp.float32)}
+  # In place (donated b): a fresh output buffer would time the OS's first touch of its pages (5x less).
+  triad = jax.jit(lambda b, c: b + 3.0 * c, donate_argnums=0)
+
+  def call():
+    arrays["b"] = triad(arrays["b"], arrays["c"]).block_until_ready()
+  call()
+  return 3 * n * 4 / min(time_calls(call, repeats)) / 1e9
+
+
 def machine_rows() -> list[tuple[str, str]]:
   """`machine()` as table rows."""
   m = machine()
