@@ -165,7 +165,9 @@ def test_export_and_init_from(tmp_path, corpus):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned.params, loaded.params)
 
 
-def test_nonfinite_skip_leaves_the_state_unchanged():
+@pytest.mark.parametrize("conditional", [True, False], ids=["conditional", "select"])
+def test_nonfinite_skip_leaves_the_state_unchanged(conditional, monkeypatch):
+  monkeypatch.setattr(train, "guard_as_conditional", lambda mesh: conditional)  # False: the GPU/TPU form
   config = tiny_config(nonfinite="skip")
   graphdef, state, shardings, mesh, tx = build(config)
   poisoned = jax.tree.map(np.array, jax.device_get(state))
