@@ -89,7 +89,7 @@ def main(argv):
   rows.append(("memory bandwidth", f"{stream:.1f} GB/s (STREAM triad, 256 MiB arrays); weights "
                                    f"{weight_bytes / 2**20:.0f} MiB"))
   result = {"new_tokens": new, "tokens_per_sec": {}, "baseline_tokens_per_sec": {}, "stream_gbs": stream,
-            "weight_bytes": weight_bytes}
+            "weight_bytes": weight_bytes, "weights_read_gbs": {}}
   if _PEER.value:
     result.update(peer_tokens_per_sec={}, peer_ratio={})
   for batch in map(int, _BATCHES.value):
@@ -102,7 +102,7 @@ def main(argv):
     result["tokens_per_sec"][batch] = ours
     # Each decoding step reads every weight once (the KV cache of <= 108 positions is <1% of that).
     weights_gbs = ours / batch * weight_bytes / 1e9
-    result.setdefault("weights_read_gbs", {})[batch] = weights_gbs
+    result["weights_read_gbs"][batch] = weights_gbs
     result["baseline_tokens_per_sec"][batch] = baseline
     line = (f"{ours:.1f} tokens/s | weights read at {weights_gbs:.1f} GB/s ({weights_gbs / stream:.0%} of stream) | "
             f"full recompute {baseline:.1f} ({ours / baseline:.1f}x)")
