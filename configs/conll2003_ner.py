@@ -1,4 +1,4 @@
-"""Named-entity recognition on CoNLL-2003 (BIO tags): a tag per word, on its first subword.
+"""Named-entity recognition on CoNLL-2003 (BIO tags): a tag per word, on its last subword.
 
   python -m gptjax.main --config=configs/conll2003_ner.py --workdir=runs/ner \
       --config.checkpoint.init_from=runs/task_pretrain [--config.lora.rank=8]

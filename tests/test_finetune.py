@@ -84,7 +84,7 @@ def test_tiny_classifier_learns_a_separable_task(lora_cfg, tmp_path):
   predictions = trainer.predict_all(predict, state["params"], frozen, data, ("tokens", "lengths", "labels"),
                                     batch_size=24)
   report, rows = tasks.make_task(tasks.add_task_config(config_lib.default_config(), "classify").task).report(
-      examples, ["0", "1"], data, predictions)
+      examples, ["0", "1"], data, predictions, {})
   tasks.write_report(str(tmp_path), report, rows)
   # Learnt, with a margin for the CPU's float order: at most 3 of 64 rows wrong, and a low training loss.
   assert report["accuracy"] >= 0.95 and float(out["train_loss"]) < 0.2, (report, float(out["train_loss"]))

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,39 +18,48 @@ from gptjax.data.tokenizer import CharTokenizer
 from gptjax.finetune import job as finetune_job, ner, sft, store, tasks, trainer
 from gptjax.model import GPT, GPTConfig
 
-WORDS = ["Paris", "London", "the", "went", "to", "John", "Mary", "city", "big", "saw", "."]
-TAGS = {"Paris": "B-LOC", "London": "B-LOC", "John": "B-PER", "Mary": "B-PER"}
+WORDS = ["Paris", "London", "the", "went", "to", "Jim", "Mary", "cat", "big", "saw", "."]
+TAGS = {"Paris": "B-LOC", "London": "B-LOC", "Jim": "B-PER", "Mary": "B-PER"}
 
 
 def _char_tokenizer(text=" ".join(WORDS) + "EUrejctsGmanhiyo#:ASU\n"):
   return CharTokenizer.train([text])
 
 
-def test_ner_labels_sit_on_each_words_first_subword():
+def test_ner_labels_sit_on_each_words_last_or_first_subword():
   tok = _char_tokenizer()
   s = ner.Sentence(("EU", "rejects", "German"), ("B-ORG", "O", "B-MISC"), "f:1")
   labels = ["B-MISC", "B-ORG", "O"]
   ids = np.concatenate(tok.encode_batch([" EU", " rejects", " German"]))  # 3 + 8 + 7 characters
-  # Each word's first subword is its first letter (the space before it is a token of its own here).
+  # By default each word's label sits on its last subword, its last letter here (it has read the whole word).
   plain = ner.encode(tok, [s], labels, max_len=24, echo=False)
   np.testing.assert_array_equal(plain["tokens"][0, :18], ids)
   expected = np.full(24, ner.IGNORE)
-  expected[[1, 4, 12]] = [1, 2, 0]
+  expected[[2, 10, 17]] = [1, 2, 0]
   np.testing.assert_array_equal(plain["labels"][0], expected)
-  np.testing.assert_array_equal(plain["word_positions"][0], [1, 4, 12])
+  np.testing.assert_array_equal(plain["word_positions"][0], [2, 10, 17])
+  # 'first': the first letter (the space before it is a token of its own here).
+  first = ner.encode(tok, [s], labels, max_len=24, echo=False, subword="first")
+  np.testing.assert_array_equal(first["tokens"], plain["tokens"])
+  np.testing.assert_array_equal(first["word_positions"][0], [1, 4, 12])
+  np.testing.assert_array_equal(first["labels"][0, [1, 4, 12]], [1, 2, 0])
+  assert (first["labels"][0] != ner.IGNORE).sum() == 3
   # Echo: words EOS words; the labels move to the second copy, whose tokens have seen the whole sentence.
   echo = ner.encode(tok, [s], labels, max_len=40, echo=True)
   np.testing.assert_array_equal(echo["tokens"][0, :37], np.concatenate([ids, [tok.eos_id], ids]))
   assert echo["lengths"][0] == 37
-  np.testing.assert_array_equal(np.flatnonzero(echo["labels"][0] != ner.IGNORE), [20, 23, 31])
+  np.testing.assert_array_equal(np.flatnonzero(echo["labels"][0] != ner.IGNORE), [21, 29, 36])
+  echo_first = ner.encode(tok, [s], labels, max_len=40, echo=True, subword="first")
+  np.testing.assert_array_equal(np.flatnonzero(echo_first["labels"][0] != ner.IGNORE), [20, 23, 31])
   # Too long for two copies: the scored copy stays whole and the first copy keeps what fits (25 - 1 - 18 = 6).
   short = ner.encode(tok, [s], labels, max_len=25, echo=True)
   np.testing.assert_array_equal(short["tokens"][0], np.concatenate([ids[:6], [tok.eos_id], ids]))
-  np.testing.assert_array_equal(short["word_positions"][0], [8, 11, 19])
-  np.testing.assert_array_equal(short["labels"][0, [8, 11, 19]], [1, 2, 0])
-  # A cut sentence keeps the words whose first subword fits; the rest are predicted 'O' and scored.
-  cut = ner.encode(tok, [s], labels, max_len=9, echo=False)
+  np.testing.assert_array_equal(short["word_positions"][0], [9, 17, 24])
+  np.testing.assert_array_equal(short["labels"][0, [9, 17, 24]], [1, 2, 0])
+  # A cut sentence keeps the words whose labelled subword fits; the rest are predicted 'O' and scored.
+  cut = ner.encode(tok, [s], labels, max_len=9, echo=False, subword="first")
   np.testing.assert_array_equal(cut["word_positions"][0], [1, 4, -1])
+  np.testing.assert_array_equal(ner.encode(tok, [s], labels, max_len=9, echo=False)["word_positions"][0], [2, -1, -1])
   log_probs = np.full((1, 9, 3), -5.0)
   log_probs[0, [1, 4], [1, 2]] = -0.1
   for constrained in (True, False):
@@ -74,6 +84,64 @@ def test_bio_decoding_is_the_best_valid_sequence():
                             [0.3, 0.05, 0.6, 0.0, 0.05]]) + 1e-9)
   assert [labels[t] for t in scores.argmax(-1)] == ["I-PER", "O", "I-LOC"]
   assert [labels[t] for t in ner.viterbi(scores, allowed)] == ["B-PER", "O", "B-LOC"]
+
+
+def test_crf_viterbi_and_likelihood_equal_brute_force():
+  """With learned transitions, Viterbi finds the best-scoring valid sequence and the CRF loss is exactly
+  -log(exp(score(gold)) / sum over every sequence of exp(score)), per labelled word, padding rows and words ignored."""
+  labels = ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
+  allowed = ner.bio_transitions(labels)
+  rng = np.random.default_rng(1)
+  transitions = rng.normal(size=(6, 5))
+  score = lambda emit, seq: (transitions[-1, seq[0]] + emit[np.arange(len(seq)), seq].sum()
+                             + sum(transitions[a, b] for a, b in zip(seq, seq[1:])))
+  for n_words in (1, 3, 4):
+    emit = rng.normal(size=(n_words, 5))
+    every = list(itertools.product(range(5), repeat=n_words))
+    best_valid = max((q for q in every if all(allowed[([5] + list(q))[i], t] for i, t in enumerate(q))),
+                     key=lambda q: score(emit, q))
+    np.testing.assert_array_equal(ner.viterbi(emit, allowed, transitions), best_valid)
+    np.testing.assert_array_equal(ner.viterbi(emit, np.ones_like(allowed), transitions),
+                                  max(every, key=lambda q: score(emit, q)))
+  # The loss through a stand-in model whose hidden states are the emissions (identity head): two sentences of 3
+  # and 2 words at scattered positions of T=6 tokens, and a row with no labelled word.
+  emit_BTC = rng.normal(size=(3, 6, 5)).astype(np.float32)
+  labels_BT = np.full((3, 6), ner.IGNORE)
+  labels_BT[0, [1, 2, 5]] = [1, 3, 4]
+  labels_BT[1, [0, 4]] = [0, 2]
+  head = {"kernel": np.eye(5, dtype=np.float32), "bias": np.zeros(5, np.float32),
+          "transitions": transitions.astype(np.float32)}
+  loss, _ = ner.loss(lambda tokens, key: emit_BTC, head, {"tokens": None, "labels": labels_BT}, None)
+  nll = 0.0
+  for b, positions in ((0, [1, 2, 5]), (1, [0, 4])):
+    emit = emit_BTC[b, positions].astype(np.float64)
+    log_z = np.logaddexp.reduce([score(emit, q) for q in itertools.product(range(5), repeat=len(positions))])
+    nll += log_z - score(emit, labels_BT[b, positions])
+  np.testing.assert_allclose(float(loss), nll / 5, rtol=1e-5)
+  # Without transitions: the mean per-word cross-entropy.
+  plain = {k: head[k] for k in ("kernel", "bias")}
+  loss, _ = ner.loss(lambda tokens, key: emit_BTC, plain, {"tokens": None, "labels": labels_BT}, None)
+  log_p = emit_BTC - np.logaddexp.reduce(emit_BTC.astype(np.float64), axis=-1, keepdims=True)
+  expected = -sum(log_p[b, t, labels_BT[b, t]] for b, t in zip(*np.nonzero(labels_BT != ner.IGNORE))) / 5
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_crf_transitions_start_as_the_training_tags_mutual_information():
+  I = ner.IGNORE
+  labels_NT = np.array([[I, 0, I, 1, 2, I], [2, I, 2, I, I, I], [I, I, I, I, I, I]])  # tags 0 1 2 / 2 2 / none
+  head = ner.init_head(4, 3, jax.random.key(0), crf=True, train_labels_NT=labels_NT)
+  counts = np.ones((4, 3))  # add-one; rows: after tag 0, 1, 2, at the start
+  counts[0, 1] += 1
+  counts[1, 2] += 1
+  counts[2, 2] += 1
+  counts[3, 0] += 1
+  counts[3, 2] += 1
+  # log P(tag | previous) - log P(tag): 0 where a tag follows another as often as it occurs at all.
+  expected = np.log(counts / counts.sum(1, keepdims=True)) - np.log(counts.sum(0) / counts.sum())
+  np.testing.assert_allclose(head["transitions"], expected, rtol=1e-5, atol=1e-6)
+  assert head["transitions"][1, 2] > 0 > head["transitions"][1, 0]  # 1 -> 2 seen, 1 -> 0 never
+  assert head["kernel"].shape == (4, 3) and not np.asarray(ner.init_head(4, 3, jax.random.key(0))["transitions"]).any()
+  assert set(ner.init_head(4, 3, jax.random.key(0), crf=False)) == {"kernel", "bias"}
 
 
 def test_entity_metrics_count_partial_spans_wrong():
@@ -169,7 +237,7 @@ def _write_conll(path, n, seed):
 
 
 def _ner_config(tmp_path, base, rank, mesh=(-1, 1, 1), method="lora"):
-  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=3e-3, mesh=mesh), "ner")
+  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=6e-3, mesh=mesh), "ner")
   c.task.update(train_path=_write_conll(tmp_path / "train.txt", 64, 0),
                 eval_path=_write_conll(tmp_path / "dev.txt", 16, 1), epochs=4, eval_batch_size=8)
   c.checkpoint.init_from = base

@@ -94,7 +94,7 @@ def test_finetune_step_lowers(name, platform, mesh):
   device_mesh = sharding.make_mesh(config, jax.devices()[:8])
   task = tasks.make_task(config.task)
   graphdef, abstract = train.abstract_model(model_cfg)
-  head = jax.eval_shape(lambda: task.init_head(model_cfg.n_embd, LABELS[config.task.kind], jax.random.key(0)))
+  head = jax.eval_shape(lambda: task.init_head(model_cfg.n_embd, LABELS[config.task.kind], jax.random.key(0), None))
   trainable = {"base": nnx.to_pure_dict(abstract), "head": head}
   trainable_shardings = {"base": sharding.state_shardings(abstract, base.mesh.rules, device_mesh),
                          "head": jax.tree.map(lambda _: sharding.replicated(device_mesh), head)}

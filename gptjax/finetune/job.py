@@ -69,7 +69,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   graphdef = store.graphdef_of(run_cfg, dropout)
 
   init_key, adapter_key = jax.random.split(jax.random.key(t.seed))
-  head = task.init_head(model_cfg.n_embd, len(labels), init_key)
+  head = task.init_head(model_cfg.n_embd, len(labels), init_key, train_data)
   trainable, frozen = trainer.split_trainable(base.params, head, lora_cfg, adapter_key, model_cfg)
   # The head and adapters are small: replicated on the mesh (the base keeps its sharding).
   replicated = sharding.replicated(mesh)
@@ -192,7 +192,9 @@ def score(task: tasks.Task, predict, trainable, frozen, examples, data: dict, la
     gather = lambda out: _unshuffle(np.asarray(multihost_utils.process_allgather(out, tiled=True)), order)
   predictions = trainer.predict_all(predict, trainable, frozen, data, task.batch_keys, batch_size, place,
                                     task.token_predictions, gather)
-  return task.report(examples, labels, data, predictions)
+  # The head is replicated: every process holds all of it.
+  head = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), trainable["head"])
+  return task.report(examples, labels, data, predictions, head)
 
 
 def _unshuffle(out, order):

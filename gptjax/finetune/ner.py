@@ -1,12 +1,13 @@
-"""Token classification (NER): the CoNLL reader, first-subword label alignment, a per-token head, entity metrics.
+"""Token classification (NER): the CoNLL reader, subword label alignment, a per-token head, entity metrics.
 
-Each word is encoded on its own with a leading space (as in running text) and its label sits on its first
-subword (the first one that is more than that space); the other subwords are ignored in the loss and in scoring.
-A causal model's first subword of a word has not seen what follows ("New" before "York"), so by default the
-sentence is given twice, `echo`: words EOS words, and the labels sit on the second copy, whose tokens have seen the
-whole sentence (the trick of "echo embeddings", Springer et al. 2024). The sequence costs twice the tokens;
-`task.echo=False` turns it off. Where both copies do not fit max_len, the first copy is shortened, never the scored
-one.
+Each word is encoded on its own with a leading space (as in running text) and its label sits on one subword, by
+default its last: a causal model's last subword of a word has read the whole word, while its first is often one
+letter (" H" of " H|uss|ain" in an 8k BPE). `task.label_subword='first'` puts it on the first subword that is more
+than that space, as BERT-style taggers do. The other subwords are ignored in the loss and in scoring.
+A causal model's word has not seen what follows ("New" before "York"), so by default the sentence is given twice,
+`echo`: words EOS words, and the labels sit on the second copy, whose tokens have seen the whole sentence (the trick
+of "echo embeddings", Springer et al. 2024). The sequence costs twice the tokens; `task.echo=False` turns it off.
+Where both copies do not fit max_len, the first copy is shortened, never the scored one.
 """
 
 import dataclasses
@@ -99,12 +100,13 @@ def label_vocab(sentences: list[Sentence]) -> list[str]:
   return sorted({t for s in sentences for t in s.tags})
 
 
-def encode(tokenizer, sentences: list[Sentence], labels: list[str], max_len: int, echo: bool = True) -> dict:
+def encode(tokenizer, sentences: list[Sentence], labels: list[str], max_len: int, echo: bool = True,
+           subword: str = "last") -> dict:
   """Batchable arrays of sentences.
 
   'tokens' [N, max_len] (right-padded with EOS), 'lengths' [N], 'labels' [N, max_len] (the tag id on each word's
-  first subword of the scored copy, IGNORE elsewhere), 'word_positions' [N, W] (where word i's label sits, -1
-  for words cut off by max_len and for padding). A tag not in `labels` is an error naming file:line.
+  `subword` ('last' or 'first') of the scored copy, IGNORE elsewhere), 'word_positions' [N, W] (where word i's
+  label sits, -1 for words cut off by max_len and for padding). A tag not in `labels` is an error naming file:line.
   """
   index = {tag: i for i, tag in enumerate(labels)}
   blank = {}  # token id -> whether it decodes to whitespace only
@@ -120,7 +122,11 @@ def encode(tokenizer, sentences: list[Sentence], labels: list[str], max_len: int
                        "examples of it to the training file.")
     pieces = tokenizer.encode_batch([" " + w for w in s.words])
     ids = np.concatenate(pieces).astype(np.int32)
-    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]]) + [_first_visible(tokenizer, p, blank) for p in pieces]
+    ends = np.cumsum([len(p) for p in pieces])
+    if subword == "last":
+      label_at = ends - 1
+    else:
+      label_at = ends - [len(p) for p in pieces] + [_first_visible(tokenizer, p, blank) for p in pieces]
     # The scored copy starts after the first one and its EOS. A sentence too long for both copies keeps the whole
     # scored copy and as much of the first as fits (its late words then see less of what follows them); only one
     # too long for a single copy loses words.
@@ -130,8 +136,8 @@ def encode(tokenizer, sentences: list[Sentence], labels: list[str], max_len: int
     row = np.concatenate([ids[:first_len], [tokenizer.eos_id], ids[:copy_len]]) if echo else ids[:copy_len]
     arrays["tokens"][n, :len(row)] = row
     arrays["lengths"][n] = len(row)
-    kept = starts < copy_len
-    positions = offset + starts[kept]
+    kept = label_at < copy_len
+    positions = offset + label_at[kept]
     arrays["word_positions"][n, :kept.sum()] = positions
     arrays["labels"][n, positions] = [index[t] for t in np.array(s.tags)[kept]]
   return arrays
@@ -148,26 +154,81 @@ def _first_visible(tokenizer, piece_ids: np.ndarray, blank: dict) -> int:
   return 0
 
 
+def init_head(n_embd: int, n_tags: int, key: jax.Array, crf: bool = True, train_labels_NT=None) -> dict:
+  """A per-token tag head (classify.init_head); with `crf`, also the tag transition scores 'transitions' [C + 1, C]
+  (row c: the score of each tag after tag c; the last row: at the sentence start).
+
+  Transitions start at the pointwise mutual information of consecutive training tags (`encode`'s 'labels'),
+  log P(tag | previous) / P(tag), add-one smoothed; zeros without them. From zero, 3 epochs of AdamW steps of 1e-3
+  move them to |0.5| at most (CoNLL-2003), far from the log-odds they need (B-PER after B-PER: about -5). The
+  tag's own frequency is left out (it would count twice: the emissions' bias learns it)."""
+  head = classify.init_head(n_embd, n_tags, key)
+  if not crf:
+    return head
+  counts = np.ones((n_tags + 1, n_tags))
+  for row in [] if train_labels_NT is None else np.asarray(train_labels_NT):
+    tags = row[row != IGNORE]
+    if len(tags):
+      counts[n_tags, tags[0]] += 1
+      np.add.at(counts, (tags[:-1], tags[1:]), 1)
+  pmi = np.log(counts / counts.sum(1, keepdims=True)) - np.log(counts.sum(0) / counts.sum())
+  return dict(head, transitions=jnp.asarray(pmi if train_labels_NT is not None else 0 * pmi, jnp.float32))
+
+
 def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over labelled positions, tag log-probabilities [B, T, C]) of {'tokens', 'labels', ...}."""
+  """(mean loss per labelled word, tag log-probabilities [B, T, C]) of {'tokens', 'labels', ...}.
+
+  The loss is each word's cross-entropy, or with a CRF head (a 'transitions' entry) the linear-chain CRF's
+  negative log-likelihood of the sentence's tag sequence, over its words in order. The log-probabilities are the
+  words' own (emission) scores either way; `word_predictions` adds the transitions when decoding.
+  """
   logits_BTC = model(batch["tokens"], dropout_key).astype(jnp.float32) @ head["kernel"] + head["bias"]
   labels_BT = batch["labels"]
   scored_BT = labels_BT != IGNORE
-  losses_BT = classify.cross_entropy(logits_BTC, jnp.where(scored_BT, labels_BT, 0))
-  return (losses_BT * scored_BT).sum() / jnp.maximum(scored_BT.sum(), 1), jax.nn.log_softmax(logits_BTC)
+  words = jnp.maximum(scored_BT.sum(), 1)
+  if "transitions" in head:
+    nll = _crf_nll(logits_BTC, labels_BT, scored_BT, head["transitions"])
+  else:
+    nll = (classify.cross_entropy(logits_BTC, jnp.where(scored_BT, labels_BT, 0)) * scored_BT).sum()
+  return nll / words, jax.nn.log_softmax(logits_BTC)
+
+
+def _crf_nll(logits_BTC, labels_BT, scored_BT, transitions):
+  """Summed -log p(tags | sentence) of a linear-chain CRF whose emissions are the labelled positions' logits."""
+  # Each row's labelled positions first, in sentence order: word w of row b sits at order_BW[b, w].
+  order_BW = jnp.argsort(~scored_BT, axis=1, stable=True)
+  emit_BWC = jnp.take_along_axis(logits_BTC, order_BW[..., None], axis=1)
+  tags_BW = jnp.where(jnp.take_along_axis(scored_BT, order_BW, 1), jnp.take_along_axis(labels_BT, order_BW, 1), 0)
+  real_BW = jnp.arange(labels_BT.shape[1]) < scored_BT.sum(1, keepdims=True)
+  start_C, step_CC = transitions[-1], transitions[:-1]
+  # The gold sequence's score: its emissions and its transitions (padding words add nothing).
+  emitted = jnp.take_along_axis(emit_BWC, tags_BW[..., None], -1)[..., 0]
+  moved = step_CC[tags_BW[:, :-1], tags_BW[:, 1:]]
+  gold_B = start_C[tags_BW[:, 0]] + (emitted * real_BW).sum(1) + (moved * real_BW[:, 1:]).sum(1)
+
+  def forward(alpha_BC, inputs):  # log of the summed scores of every sequence ending in each tag
+    emit_BC, real_B = inputs
+    new_BC = jax.nn.logsumexp(alpha_BC[:, :, None] + step_CC, axis=1) + emit_BC
+    return jnp.where(real_B[:, None], new_BC, alpha_BC), None
+  alpha_BC, _ = jax.lax.scan(forward, start_C + emit_BWC[:, 0], (emit_BWC[:, 1:].swapaxes(0, 1), real_BW[:, 1:].T))
+  has_words_B = real_BW[:, 0]
+  return ((jax.nn.logsumexp(alpha_BC, -1) - gold_B) * has_words_B).sum()
 
 
 def word_predictions(sentences: list[Sentence], word_positions_NW: np.ndarray, log_probs_NTC: np.ndarray,
-                     labels: list[str], constrained: bool = True) -> list[list[str]]:
-  """Each sentence's predicted tags, one per word: the most likely valid BIO sequence (`constrained`) or each
-  word's most likely tag; a word cut off by max_len is predicted 'O'."""
-  allowed = bio_transitions(labels)
+                     labels: list[str], constrained: bool = True, transitions: np.ndarray | None = None
+                     ) -> list[list[str]]:
+  """Each sentence's predicted tags, one per word: the best sequence (Viterbi) of the words' scores plus the
+  CRF's `transitions` [C + 1, C] where given, among valid BIO sequences if `constrained`; or, with neither, each
+  word's most likely tag. A word cut off by max_len is predicted 'O'."""
+  allowed = bio_transitions(labels) if constrained else np.ones((len(labels) + 1, len(labels)), bool)
+  sequence = constrained or transitions is not None
   out = []
   for s, positions, log_probs_TC in zip(sentences, word_positions_NW, log_probs_NTC):
     positions = positions[:len(s.words)]
     kept = positions[positions >= 0]
     scores_WC = log_probs_TC[kept]
-    tags = viterbi(scores_WC, allowed) if constrained else scores_WC.argmax(-1)
+    tags = viterbi(scores_WC, allowed, transitions) if sequence else scores_WC.argmax(-1)
     out.append([labels[t] for t in tags] + ["O"] * (len(s.words) - len(kept)))
   return out
 
@@ -182,11 +243,12 @@ def bio_transitions(labels: list[str]) -> np.ndarray:
   return allowed
 
 
-def viterbi(scores_WC: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-  """The tag ids [W] with the largest summed score among sequences that `allowed` permits (bio_transitions)."""
+def viterbi(scores_WC: np.ndarray, allowed: np.ndarray, transitions: np.ndarray | None = None) -> np.ndarray:
+  """The tag ids [W] with the largest summed score (the words' scores plus `transitions` [C + 1, C] between
+  consecutive tags, the last row at the start) among sequences that `allowed` permits (bio_transitions)."""
   if not len(scores_WC):
     return np.zeros(0, np.int64)
-  penalty = np.where(allowed, 0.0, -np.inf)
+  penalty = np.where(allowed, 0.0 if transitions is None else transitions, -np.inf)
   best_C = scores_WC[0] + penalty[-1]
   back_WC = np.zeros(scores_WC.shape, np.int64)
   for w in range(1, len(scores_WC)):

@@ -113,7 +113,7 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
 
 
 def _init_head(config, base_config, n_labels: int) -> dict:
-  return tasks.make_task(config.task).init_head(base_config.model.n_embd, n_labels, jax.random.key(0))
+  return tasks.make_task(config.task).init_head(base_config.model.n_embd, n_labels, jax.random.key(0), None)
 
 
 def graphdef_of(model_cfg: GPTConfig, dropout: float = 0.0) -> nnx.GraphDef:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from gptjax import paths
 from gptjax.config import ConfigError
@@ -45,9 +46,15 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
   t.max_len = 0
   # NER: give the sentence twice and label the second copy, so each word's token has seen the whole sentence.
   t.echo = True
+  # NER: the subword of each word that carries its label, 'last' (it has read the whole word; for causal models)
+  # or 'first' (BERT-style).
+  t.label_subword = "last"
   # NER: predict the most likely valid BIO tag sequence (I-X only after B-X or I-X; Viterbi over the words' tag
   # probabilities) instead of each word's most likely tag. The report holds the other decoding's numbers too.
   t.bio_decoding = True
+  # NER: a linear-chain CRF over the words' tags: learned transition scores, trained on the sentence's tag sequence
+  # and used when decoding (CoNLL-2003 dev F1 0.68 -> see benchmarks/RESULTS.md); False: each word's own softmax.
+  t.crf = True
   # Batches' worth of shuffled rows sorted by length together, so each batch holds rows of similar length and is
   # cut to a short bucket (1 = plain shuffled batches). CoNLL-2003 train with echo, batch 32, 32: 0.97M tokens run
   # per epoch instead of 2.65M (0.65M are not padding). Off by default: where lengths follow the content (the same
@@ -114,6 +121,8 @@ def validate(config) -> None:
   if lo.method == "adalora" and not 0 < lo.target_r <= lo.rank:
     raise ConfigError(f"lora.target_r={lo.target_r} must be in 1..lora.rank={lo.rank} (AdaLoRA prunes from rank "
                       "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
+  if t.label_subword not in ("first", "last"):
+    raise ConfigError(f"task.label_subword={t.label_subword!r}: use 'last' (causal models) or 'first'.")
   if t.group_by_length < 1:
     raise ConfigError(f"task.group_by_length={t.group_by_length}: use 1 (plain shuffled batches) or more.")
   if t.epochs < 0 or (t.epochs == 0 and config.train.steps <= 0):
@@ -126,15 +135,18 @@ class Task:
   read: Callable[[str], list]  # path -> examples
   label_vocab: Callable[[list], list[str]]  # training examples -> labels ([] for sft)
   encode: Callable[..., dict]  # (tokenizer, examples, labels, max_len) -> {name: [N, ...]}
-  init_head: Callable[[int, int, jax.Array], dict]  # (n_embd, labels, key) -> head params
+  # (n_embd, labels, key, the encoded training data or None when only the shapes matter) -> head params
+  init_head: Callable[[int, int, jax.Array, dict | None], dict]
   loss: Callable  # (model, head, batch, dropout_key) -> (loss, predictions)
-  report: Callable[..., tuple[dict, list[dict]]]  # (examples, labels, arrays, predictions) -> (metrics, rows)
+  # (examples, labels, arrays, predictions, head params as numpy) -> (metrics, rows)
+  report: Callable[..., tuple[dict, list[dict]]]
   headline: tuple[str, ...]  # metric names printed after each evaluation
   batch_keys: tuple[str, ...]  # the arrays the loss reads
   token_predictions: bool = False  # predictions are [B, T, ...] (per token), not one per row
 
 
-def _classify_report(examples, labels, data, predictions_N):
+def _classify_report(examples, labels, data, predictions_N, head):
+  del head
   report = {"examples": len(examples), "labels": labels, **classify.metrics(data["labels"], predictions_N,
                                                                                len(labels))}
   rows = [{"where": e.where, "text": e.text, "label": e.label, "prediction": labels[p]}
@@ -142,23 +154,26 @@ def _classify_report(examples, labels, data, predictions_N):
   return report, rows
 
 
-def _ner_report(sentences, labels, data, log_probs_NTC, constrained=True):
-  predicted = ner.word_predictions(sentences, data["word_positions"], log_probs_NTC, labels, constrained)
+def _ner_report(sentences, labels, data, log_probs_NTC, head, constrained=True):
+  transitions = np.asarray(head["transitions"]) if "transitions" in head else None
+  decode = functools.partial(ner.word_predictions, sentences, data["word_positions"], log_probs_NTC, labels)
+  predicted = decode(constrained, transitions)
   cut = int(sum(len(s.words) for s in sentences) - (data["word_positions"] >= 0).sum())
   gold = [list(s.tags) for s in sentences]
-  # The other decoding's headline numbers too: what the BIO constraint buys, measured on every evaluation.
-  other = ner.metrics(gold, ner.word_predictions(sentences, data["word_positions"], log_probs_NTC, labels,
-                                                 not constrained))
-  report = {"sentences": len(sentences), "labels": labels, "words_cut_by_max_len": cut,
-            "decoding": "bio" if constrained else "argmax", **ner.metrics(gold, predicted),
-            ("argmax" if constrained else "bio"): {k: other[k] for k in ("token_accuracy", "f1")}}
+  # Another decoding's headline numbers too, measured on every evaluation: what the CRF's transitions buy (each
+  # word's own best tag), or without a CRF what the BIO constraint buys.
+  other_name = "argmax" if constrained or transitions is not None else "bio"
+  other = ner.metrics(gold, decode(other_name == "bio"))
+  name = "+".join(n for n, on in (("crf", transitions is not None), ("bio", constrained)) if on) or "argmax"
+  report = {"sentences": len(sentences), "labels": labels, "words_cut_by_max_len": cut, "decoding": name,
+            **ner.metrics(gold, predicted), other_name: {k: other[k] for k in ("token_accuracy", "f1")}}
   rows = [{"where": s.where, "words": list(s.words), "tags": list(s.tags), "predicted": p}
           for s, p in zip(sentences, predicted)]
   return report, rows
 
 
-def _sft_report(conversations, labels, data, per_row_N3):
-  del labels, data
+def _sft_report(conversations, labels, data, per_row_N3, head):
+  del labels, data, head
   rows = [{"where": c.where, "prompt": sft.prompt_text(c.turns[:-1]), "response": c.turns[-1][1],
            "response_loss": float(nats / max(n, 1))} for c, (nats, n, _) in zip(conversations, per_row_N3)]
   return {"conversations": len(conversations), **sft.metrics(per_row_N3)}, rows
@@ -168,18 +183,22 @@ def make_task(task_cfg) -> Task:
   """The Task of a config's `task` section."""
   if task_cfg.kind == "classify":
     return Task(lambda p: classify.read_examples(p, task_cfg.text_field or None, task_cfg.label_field),
-                classify.label_vocab, classify.arrays, classify.init_head, classify.loss, _classify_report,
+                classify.label_vocab, classify.arrays, lambda n_embd, n, key, data: classify.init_head(n_embd, n, key),
+                classify.loss, _classify_report,
                 ("accuracy",), ("tokens", "lengths", "labels"))
   if task_cfg.kind == "ner":
     return Task(lambda p: ner.read_conll(p, task_cfg.words_field, task_cfg.tags_field), ner.label_vocab,
-                lambda tok, ex, labels, n: ner.encode(tok, ex, labels, n, task_cfg.echo), classify.init_head,
+                lambda tok, ex, labels, n: ner.encode(tok, ex, labels, n, task_cfg.echo, task_cfg.label_subword),
+                # Saved before the CRF existed: no 'crf' field, a plain head.
+                lambda n_embd, n_tags, key, data: ner.init_head(n_embd, n_tags, key, task_cfg.get("crf", False),
+                                                                 None if data is None else data["labels"]),
                 ner.loss, functools.partial(_ner_report, constrained=task_cfg.bio_decoding),
                 ("token_accuracy", "f1"), ("tokens", "labels"), token_predictions=True)
   if task_cfg.kind == "sft":
     return Task(lambda p: sft.read_conversations(p, task_cfg.prompt_field, task_cfg.response_field,
                                                  task_cfg.messages_field),
                 lambda examples: [], lambda tok, ex, labels, n: sft.encode(tok, ex, n),
-                lambda n_embd, n_labels, key: {}, sft.loss, _sft_report, ("loss", "token_accuracy"),
+                lambda n_embd, n_labels, key, data: {}, sft.loss, _sft_report, ("loss", "token_accuracy"),
                 ("tokens", "targets"))
   raise ConfigError(f"task.kind={task_cfg.kind!r}: choose one of {KINDS}.")
 
