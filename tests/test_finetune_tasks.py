@@ -326,6 +326,10 @@ def test_bad_task_configs_are_rejected(tmp_path):
   with pytest.raises(ValueError, match="checkpoint.init_from is empty"):
     tasks.validate(c)
   c.checkpoint.init_from = "somewhere"
+  c.task.label_subword = "middle"
+  with pytest.raises(ValueError, match="task.label_subword='middle': use 'last'"):
+    tasks.validate(c)
+  c.task.label_subword = "last"
   c.task.kind = "qa"
   with pytest.raises(ValueError, match="task.kind='qa'"):
     tasks.validate(c)
