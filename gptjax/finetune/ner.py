@@ -122,11 +122,10 @@ def encode(tokenizer, sentences: list[Sentence], labels: list[str], max_len: int
                        "examples of it to the training file.")
     pieces = tokenizer.encode_batch([" " + w for w in s.words])
     ids = np.concatenate(pieces).astype(np.int32)
-    ends = np.cumsum([len(p) for p in pieces])
-    if subword == "last":
-      label_at = ends - 1
-    else:
-      label_at = ends - [len(p) for p in pieces] + [_first_visible(tokenizer, p, blank) for p in pieces]
+    lengths = np.array([len(p) for p in pieces])
+    starts = np.cumsum(lengths) - lengths
+    label_at = (starts + lengths - 1 if subword == "last" else
+                starts + [_first_visible(tokenizer, p, blank) for p in pieces])
     # The scored copy starts after the first one and its EOS. A sentence too long for both copies keeps the whole
     # scored copy and as much of the first as fits (its late words then see less of what follows them); only one
     # too long for a single copy loses words.
@@ -165,14 +164,16 @@ def init_head(n_embd: int, n_tags: int, key: jax.Array, crf: bool = True, train_
   head = classify.init_head(n_embd, n_tags, key)
   if not crf:
     return head
+  if train_labels_NT is None:
+    return dict(head, transitions=jnp.zeros((n_tags + 1, n_tags), jnp.float32))
   counts = np.ones((n_tags + 1, n_tags))
-  for row in [] if train_labels_NT is None else np.asarray(train_labels_NT):
+  for row in np.asarray(train_labels_NT):
     tags = row[row != IGNORE]
     if len(tags):
       counts[n_tags, tags[0]] += 1
       np.add.at(counts, (tags[:-1], tags[1:]), 1)
   pmi = np.log(counts / counts.sum(1, keepdims=True)) - np.log(counts.sum(0) / counts.sum())
-  return dict(head, transitions=jnp.asarray(pmi if train_labels_NT is not None else 0 * pmi, jnp.float32))
+  return dict(head, transitions=jnp.asarray(pmi, jnp.float32))
 
 
 def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -198,8 +199,8 @@ def _crf_nll(logits_BTC, labels_BT, scored_BT, transitions):
   # Each row's labelled positions first, in sentence order: word w of row b sits at order_BW[b, w].
   order_BW = jnp.argsort(~scored_BT, axis=1, stable=True)
   emit_BWC = jnp.take_along_axis(logits_BTC, order_BW[..., None], axis=1)
-  tags_BW = jnp.where(jnp.take_along_axis(scored_BT, order_BW, 1), jnp.take_along_axis(labels_BT, order_BW, 1), 0)
   real_BW = jnp.arange(labels_BT.shape[1]) < scored_BT.sum(1, keepdims=True)
+  tags_BW = jnp.where(real_BW, jnp.take_along_axis(labels_BT, order_BW, 1), 0)
   start_C, step_CC = transitions[-1], transitions[:-1]
   # The gold sequence's score: its emissions and its transitions (padding words add nothing).
   emitted = jnp.take_along_axis(emit_BWC, tags_BW[..., None], -1)[..., 0]
