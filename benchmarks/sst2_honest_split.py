@@ -7,6 +7,10 @@ dev.tsv) mostly reappears inside other training rows: a model can score it by re
 train and dev, finds the full sentences (rows that are no span of a longer row), holds out --dev_size of them
 (seeded), and drops from training every row that is a span of a held-out sentence. It prints how much the given
 dev leaks and checks that the new split does not.
+
+With --val_size, it also holds out that many further full sentences of the training rows as val.tsv and writes
+fit.tsv (train.tsv without the rows inside them): settings are chosen by training on fit.tsv and scoring val.tsv,
+so dev.tsv stays a set no choice has seen. train.tsv and dev.tsv do not change with it.
 """
 
 import argparse
@@ -35,11 +39,21 @@ def inside_any(rows: list[str], texts: set[str]) -> set[str]:
   return found
 
 
+def hold_out(texts, full: list[str], size: int, rng: random.Random) -> tuple[list[str], list[str]]:
+  """(training rows, held-out sentences): `size` of the full sentences, and every text that is no span of them."""
+  held = set(rng.sample(full, size))
+  blocked = set().union(*(spans(s) for s in held))
+  kept = sorted(t for t in texts if t not in blocked)
+  assert not inside_any(kept, held)  # no shared phrase either way
+  return kept, sorted(held)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", default="../shared/data/sst2")
   parser.add_argument("--out", default="runs/sst2_honest")
   parser.add_argument("--dev_size", type=int, default=1000)
+  parser.add_argument("--val_size", type=int, default=0)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   train, dev = read_rows(os.path.join(args.data, "train.tsv")), read_rows(os.path.join(args.data, "dev.tsv"))
@@ -53,13 +67,14 @@ def main():
   labels = dict(train + dev)  # a text's label (the pooled rows agree on it, or the later one wins)
   texts = set(labels)
   full = sorted(texts - inside_any(list(texts), texts))
-  held = set(random.Random(args.seed).sample(full, args.dev_size))
-  blocked = set().union(*(spans(s) for s in held))
-  new_train = sorted(t for t in texts if t not in blocked)
-  new_dev = sorted(held)
-  assert not blocked & set(new_train) and not inside_any(new_train, set(new_dev))  # no shared phrase either way
+  new_train, new_dev = hold_out(texts, full, args.dev_size, random.Random(args.seed))
+  splits = [("train.tsv", new_train), ("dev.tsv", new_dev)]
+  if args.val_size:
+    fit, val = hold_out(new_train, sorted(set(full) & set(new_train)), args.val_size, random.Random(args.seed + 1))
+    splits += [("fit.tsv", fit), ("val.tsv", val)]
+    print(f"val: {len(val)} more full sentences; fit.tsv keeps {len(fit)} of the {len(new_train)} training rows")
   os.makedirs(args.out, exist_ok=True)
-  for name, rows in (("train.tsv", new_train), ("dev.tsv", new_dev)):
+  for name, rows in splits:
     with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
       f.write("sentence\tlabel\n")
       f.writelines(f"{t}\t{labels[t]}\n" for t in rows)

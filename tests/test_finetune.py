@@ -110,6 +110,21 @@ def test_metrics_against_hand_computed_values():
   assert m["support"] == [2, 2, 3, 0]
 
 
+def test_head_reads_the_last_real_token_or_the_mean_of_the_real_tokens():
+  rng = np.random.RandomState(0)
+  h_BTD, lengths_B = rng.randn(3, T, D).astype(np.float32), np.array([1, 5, T], np.int32)
+  head = {"kernel": rng.randn(D, C).astype(np.float32), "bias": rng.randn(C).astype(np.float32)}
+  last = np.stack([h_BTD[b, n - 1] for b, n in enumerate(lengths_B)])
+  mean = np.stack([h_BTD[b, :n].mean(0) for b, n in enumerate(lengths_B)])
+  for pool, pooled in (("last", last), ("mean", mean)):
+    np.testing.assert_allclose(classify.head_logits(head, jnp.asarray(h_BTD), jnp.asarray(lengths_B), pool),
+                               pooled @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
+  padded = h_BTD.copy()
+  padded[0, 1:], padded[1, 5:] = 1e6, -1e6  # what sits after a row's text is never read
+  np.testing.assert_allclose(classify.head_logits(head, jnp.asarray(padded), jnp.asarray(lengths_B), "mean"),
+                             mean @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-5)
+
+
 def test_encode_texts_right_pads_and_truncates():
   tokenizer = CharTokenizer.train(["abcdef"])
   examples = [classify.Example(text, "x", f"f:{i}") for i, text in enumerate(["ab", "abcdef"])]

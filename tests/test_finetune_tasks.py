@@ -330,6 +330,10 @@ def test_bad_task_configs_are_rejected(tmp_path):
   with pytest.raises(ValueError, match="task.label_subword='middle': use 'last'"):
     tasks.validate(c)
   c.task.label_subword = "last"
+  c.task.pool = "max"
+  with pytest.raises(ValueError, match=r"task.pool='max': use one of \('last', 'mean'\)"):
+    tasks.validate(c)
+  c.task.pool = "last"
   c.task.kind = "qa"
   with pytest.raises(ValueError, match="task.kind='qa'"):
     tasks.validate(c)

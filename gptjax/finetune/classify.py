@@ -1,7 +1,9 @@
-"""Sequence classification: labelled-text readers, a linear head on the last real token, and the metrics.
+"""Sequence classification: labelled-text readers, a linear head on the last real token (or on the mean of the
+real tokens), and the metrics.
 
 Rows are right-padded, so a row's last real token sits at lengths_B - 1; causal attention means its hidden state
-has seen the whole text (as GPT2ForSequenceClassification does).
+has seen the whole text (as GPT2ForSequenceClassification does). The mean over the real tokens reads every
+position's state directly, without the last one having to gather the text.
 """
 
 import csv
@@ -130,10 +132,18 @@ def init_head(n_embd: int, num_classes: int, key: jax.Array) -> dict:
           "bias": jnp.zeros((num_classes,), jnp.float32)}
 
 
-def head_logits(head: dict, h_BTD: jax.Array, lengths_B: jax.Array) -> jax.Array:
-  """float32 class logits [B, C] from the hidden state of each row's last real token."""
-  last_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  return last_BD.astype(jnp.float32) @ head["kernel"] + head["bias"]
+POOLS = ("last", "mean")
+
+
+def head_logits(head: dict, h_BTD: jax.Array, lengths_B: jax.Array, pool: str = "last") -> jax.Array:
+  """float32 class logits [B, C] from the hidden state of each row's last real token (pool='last') or from the
+  mean of its real tokens' states (pool='mean')."""
+  if pool == "mean":
+    real_BT1 = (jnp.arange(h_BTD.shape[1])[None, :] < lengths_B[:, None])[..., None]
+    pooled_BD = jnp.where(real_BT1, h_BTD.astype(jnp.float32), 0.0).sum(1) / lengths_B[:, None]
+  else:
+    pooled_BD = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+  return pooled_BD @ head["kernel"] + head["bias"]
 
 
 def cross_entropy(logits_NC: jax.Array, labels_N: jax.Array) -> jax.Array:
@@ -141,9 +151,10 @@ def cross_entropy(logits_NC: jax.Array, labels_N: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(logits_NC, -1) - jnp.take_along_axis(logits_NC, labels_N[..., None], -1)[..., 0]
 
 
-def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None, pool: str = "last"
+         ) -> tuple[jax.Array, jax.Array]:
   """(mean cross-entropy, predicted classes [B]) of a batch {'tokens', 'lengths', 'labels'}."""
-  logits_BC = head_logits(head, model(batch["tokens"], dropout_key), batch["lengths"])
+  logits_BC = head_logits(head, model(batch["tokens"], dropout_key), batch["lengths"], pool)
   return cross_entropy(logits_BC, batch["labels"]).mean(), logits_BC.argmax(-1)
 
 

@@ -52,6 +52,9 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
   # NER: predict the most likely valid BIO tag sequence (I-X only after B-X or I-X; Viterbi over the words' tag
   # probabilities) instead of each word's most likely tag. The report holds the other decoding's numbers too.
   t.bio_decoding = True
+  # Classification: the head reads the last real token's state ('last', as GPT2ForSequenceClassification) or the
+  # mean of the real tokens' states ('mean').
+  t.pool = "last"
   # NER: a linear-chain CRF over the words' tags: learned transition scores, trained on the sentence's tag sequence
   # and used when decoding (CoNLL-2003 dev entity F1 0.677 -> 0.784, benchmarks/RESULTS.md); False: each word's own
   # softmax.
@@ -124,6 +127,8 @@ def validate(config) -> None:
                       "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
   if t.label_subword not in ("first", "last"):
     raise ConfigError(f"task.label_subword={t.label_subword!r}: use 'last' (causal models) or 'first'.")
+  if t.pool not in classify.POOLS:
+    raise ConfigError(f"task.pool={t.pool!r}: use one of {classify.POOLS}.")
   if t.group_by_length < 1:
     raise ConfigError(f"task.group_by_length={t.group_by_length}: use 1 (plain shuffled batches) or more.")
   if t.epochs < 0 or (t.epochs == 0 and config.train.steps <= 0):
@@ -185,7 +190,8 @@ def make_task(task_cfg) -> Task:
   if task_cfg.kind == "classify":
     return Task(lambda p: classify.read_examples(p, task_cfg.text_field or None, task_cfg.label_field),
                 classify.label_vocab, classify.arrays, lambda n_embd, n, key, data: classify.init_head(n_embd, n, key),
-                classify.loss, _classify_report,
+                # Saved before pooling was a choice: no 'pool' field, the last token.
+                functools.partial(classify.loss, pool=task_cfg.get("pool", "last")), _classify_report,
                 ("accuracy",), ("tokens", "lengths", "labels"))
   if task_cfg.kind == "ner":
     return Task(lambda p: ner.read_conll(p, task_cfg.words_field, task_cfg.tags_field), ner.label_vocab,
