@@ -28,13 +28,15 @@ def fit_naive_bayes(rows, n: int, alpha: float = 1.0):
   for text, label in rows:
     counts[label].update(ngrams(text, n))
   vocab = set().union(*counts.values())
-  log_p = {label: (math.log(priors[label] / len(rows)), c, math.log(sum(c.values()) + alpha * len(vocab)))
-           for label, c in counts.items()}
+  log_prior = {y: math.log(priors[y] / len(rows)) for y in counts}
+  log_total = {y: math.log(sum(c.values()) + alpha * len(vocab)) for y, c in counts.items()}
+
+  def log_score(y: str, feats: set[str]) -> float:
+    return log_prior[y] + sum(math.log(counts[y][f] + alpha) - log_total[y] for f in feats)
 
   def predict(text: str) -> str:
     feats = ngrams(text, n) & vocab
-    return max(log_p, key=lambda y: log_p[y][0] + sum(math.log(log_p[y][1][f] + alpha) - log_p[y][2]
-                                                      for f in feats))
+    return max(counts, key=lambda y: log_score(y, feats))
   return predict
 
 
