@@ -42,8 +42,8 @@ class GPTConfig:
   # The platform the model is lowered for ('tpu', 'cuda', 'cpu'; '' = this process's): picks 'auto' attention's
   # kernel and whether splash runs as a Mosaic kernel or interpreted. Not a config field: `gptjax.plan` sets it.
   platform: str = ""
-  # Low-rank adapters on the projections named in adapter_targets (qkv, out, fc, proj), computed in the forward pass
-  # beside the frozen kernels: 'lora' adds (alpha / r)·(x·A)·B, 'adalora' (alpha / r)·((x·P)·Λ)·Q. Not config
+  # Low-rank adapters on the projections named in adapter_targets (qkv, out, fc, proj; wte: the token embedding
+  # and the head tied to it), computed in the forward pass beside the frozen kernels: 'lora' adds (alpha / r)·(x·A)·B, 'adalora' (alpha / r)·((x·P)·Λ)·Q. Not config
   # fields: fine-tuning sets them from its `lora` section.
   adapter: str = ""
   adapter_rank: int = 0
@@ -97,14 +97,24 @@ class LowRank(nnx.Module):
     self.b = _param(rngs, b_init, (r, n_out), (None, None))
     self.e = _param(rngs, nnx.initializers.zeros, (r,), (None,)) if cfg.adapter == "adalora" else None
 
+  def _a(self) -> jax.Array:
+    """scale·A [r, I] (AdaLoRA: scale·Λ·Pᵀ)."""
+    a_RI = self.scale * self.a[...]
+    return a_RI if self.e is None else a_RI * self.e[...][:, None]
+
+  def rows(self, ids_BT: jax.Array) -> jax.Array:
+    """The adapter of an embedding table [I = V, O = D] at token ids: the delta's rows, never the dense delta."""
+    return jnp.take(self._a().T, ids_BT, axis=0) @ self.b[...]
+
+  def dense(self) -> jax.Array:
+    """The dense update [I, O] that merging adds to the kernel."""
+    return self._a().T @ self.b[...]
+
   def __call__(self, x_BTI: jax.Array) -> jax.Array:
     # As 2-D [B*T, I] matmuls: the gradient of A then contracts one axis, not (B, T), which XLA:CPU runs ~10x
     # slower (measured: LoRA on the MLP cost as much as full fine-tuning).
     dtype, lead = x_BTI.dtype, x_BTI.shape[:-1]
-    x_NR = jax.lax.dot_general(x_BTI.reshape(-1, x_BTI.shape[-1]), (self.scale * self.a[...]).astype(dtype),
-                               (((1,), (1,)), ((), ())))
-    if self.e is not None:
-      x_NR = x_NR * self.e[...].astype(dtype)
+    x_NR = jax.lax.dot_general(x_BTI.reshape(-1, x_BTI.shape[-1]), self._a().astype(dtype), (((1,), (1,)), ((), ())))
     return (x_NR @ self.b[...].astype(dtype)).reshape(*lead, -1)
 
 
@@ -263,6 +273,16 @@ class GPT(nnx.Module):
       self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
     self.ln_f = _layer_norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
+    self.wte_adapter = _adapter(cfg, "wte", cfg.vocab_size, cfg.n_embd, rngs)
+
+  def _embed(self, tokens_BT: jax.Array) -> jax.Array:
+    x_BTD = self.wte(tokens_BT)
+    return x_BTD if self.wte_adapter is None else x_BTD + self.wte_adapter.rows(tokens_BT)
+
+  def head_embedding(self) -> jax.Array:
+    """The tied LM head's weight [V, D]: wte, plus its adapter's dense update when wte is adapted."""
+    wte_VD = self.wte.embedding[...]
+    return wte_VD if self.wte_adapter is None else wte_VD + self.wte_adapter.dense()
 
   def __call__(self, tokens_BT: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """Final hidden states h_BTD (after ln_f); `logits(h)` or a fused loss turns them into predictions."""
@@ -270,7 +290,7 @@ class GPT(nnx.Module):
     T = tokens_BT.shape[1]
     if T > cfg.block_size:
       raise ValueError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}.")
-    x_BTD = sharding.constrain((self.wte(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype), ACTIVATION_AXES)
+    x_BTD = sharding.constrain((self._embed(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype), ACTIVATION_AXES)
     if dropout_key is not None and cfg.dropout > 0:
       embed_key, dropout_key = jax.random.split(dropout_key)
       x_BTD = self.dropout(x_BTD, rngs=nnx.Rngs(dropout=embed_key))
@@ -313,7 +333,7 @@ class GPT(nnx.Module):
     slots_T = start + jnp.arange(T)
     # Padding slots reuse position 0: no real token ever attends to them.
     positions_BT = jnp.maximum(slots_T[None, :] - pad_B[:, None], 0)
-    x_BTD = (self.wte(tokens_BT) + self.wpe.embedding[positions_BT]).astype(cfg.dtype)
+    x_BTD = (self._embed(tokens_BT) + self.wpe.embedding[positions_BT]).astype(cfg.dtype)
     keys_S = jnp.arange(S)
     # A token sees its row's text up to itself; a padding slot sees only itself, which keeps it finite.
     mask_BTS = (keys_S <= slots_T[:, None]) & ((keys_S >= pad_B[:, None, None]) | (keys_S == slots_T[:, None]))
@@ -332,7 +352,7 @@ class GPT(nnx.Module):
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """LM head tied to the token embedding; float32 logits over the padded vocabulary."""
-    return jnp.einsum("btd,vd->btv", h_BTD, self.wte.embedding[...].astype(h_BTD.dtype),
+    return jnp.einsum("btd,vd->btv", h_BTD, self.head_embedding().astype(h_BTD.dtype),
                       preferred_element_type=jnp.float32)
 
 

@@ -112,7 +112,7 @@ def loss_fn(params, graphdef, tokens_BT1: jax.Array, dropout_key: jax.Array | No
   """Mean next-token cross-entropy of the window tokens[:, :-1] -> tokens[:, 1:]."""
   model = nnx.merge(graphdef, params)
   h_BTD = model(tokens_BT1[:, :-1], dropout_key)
-  return losses.lm_cross_entropy(h_BTD, model.wte.embedding[...], tokens_BT1[:, 1:])
+  return losses.lm_cross_entropy(h_BTD, model.head_embedding(), tokens_BT1[:, 1:])
 
 
 def guard_as_conditional(mesh: Mesh) -> bool:

@@ -57,6 +57,28 @@ def test_forward_pass_adapters_equal_the_merged_kernels(scan_layers, method):
   np.testing.assert_allclose(decoded, expected, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("scan_layers, method", [(True, "lora"), (False, "adalora")])
+def test_token_embedding_adapter_equals_the_merged_table_in_lookup_and_tied_head(scan_layers, method):
+  """wte adapted (peft's LoRA on an Embedding): the lookup, the decode path and the tied head's logits equal the
+  plain model with wte + s·A·B merged in; the adapter adds r·(V + D) parameters (AdaLoRA: + r)."""
+  rank = 4
+  graphdef, params, adapters = _adapted(scan_layers, method, rank=rank, targets=("wte", "fc"))
+  fc_count = L * rank * (D + 4 * D) + (L * rank if method == "adalora" else 0)
+  assert lora.count(adapters) - fc_count == rank * (VOCAB + D) + (rank if method == "adalora" else 0)
+  adapters = _randomized(adapters)
+  adapted = nnx.merge(graphdef, lora.combine(params, adapters))
+  merged = nnx.merge(tiny_gpt(scan_layers)[0], lora.merge(lora.combine(params, adapters), scale=8.0 / rank))
+  base_wte = np.asarray(params["wte"]["embedding"])
+  assert np.abs(np.asarray(merged.wte.embedding[...]) - base_wte).max() > 1e-3  # merge changed the table
+  h, expected = adapted(TOKENS), merged(TOKENS)
+  np.testing.assert_allclose(h, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(adapted.logits(h), merged.logits(expected), rtol=1e-5, atol=1e-5)
+  decoded, _ = adapted.extend(TOKENS, adapted.init_cache(2, 16), jnp.int32(0), jnp.zeros(2, jnp.int32))
+  np.testing.assert_allclose(decoded, expected, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda a: adapted.logits(nnx.merge(graphdef, lora.combine(params, a))(TOKENS)).sum())(adapters)
+  assert np.abs(grads["wte_adapter"]["b"]).max() > 0 and np.abs(grads["wte_adapter"]["a"]).max() > 0
+
 def test_frozen_kernels_get_no_gradient_and_the_adapters_do():
   graphdef, params, adapters = _adapted(True)
   loss = lambda a, p: nnx.merge(graphdef, lora.combine(p, a))(TOKENS).sum()

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 # Target name -> (the adapter's key, the path of its kernel from the same module). Einsum kernels (qkv [D, 3, N, H],
-# out [N, H, D]) are seen as matrices [inputs, outputs] in storage order, as the model's adapters see them.
+# out [N, H, D]) are seen as matrices [inputs, outputs] in storage order, as the model's adapters see them; the token
+# embedding [V, D] as a matrix from one-hot tokens (peft's LoRA on an Embedding), which the tied head shares.
 TARGETS = {
+    "wte": ("wte_adapter", ("wte", "embedding")),
     "qkv": ("qkv_adapter", ("qkv_kernel",)),
     "out": ("out_adapter", ("out_kernel",)),
     "fc": ("fc_adapter", ("fc", "kernel")),

@@ -126,7 +126,7 @@ def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple
   tokens_BT = batch["tokens"]
   h_BTD = model(tokens_BT[:, :-1], dropout_key)
   scored_BT = batch["targets"][:, 1:].astype(jnp.float32)
-  nats_BT = losses.token_losses(h_BTD, model.wte.embedding[...], tokens_BT[:, 1:]) * scored_BT
+  nats_BT = losses.token_losses(h_BTD, model.head_embedding(), tokens_BT[:, 1:]) * scored_BT
   correct_BT = (model.logits(h_BTD).argmax(-1) == tokens_BT[:, 1:]) * scored_BT
   return nats_BT.sum() / jnp.maximum(scored_BT.sum(), 1), jnp.stack(
       [nats_BT.sum(1), scored_BT.sum(1), correct_BT.sum(1)], axis=-1)

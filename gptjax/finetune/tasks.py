@@ -84,7 +84,8 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
   lo.method = "lora"
   # Scale numerator: s = alpha / rank.
   lo.alpha = 16.0
-  # Comma-separated projections that get adapters: qkv, out (attention), fc, proj (MLP).
+  # Comma-separated projections that get adapters: qkv, out (attention), fc, proj (MLP); also wte (the token
+  # embedding, and so the LM head tied to it), which peft adapts when a user lists it.
   lo.targets = "qkv,out,fc,proj"
   # AdaLoRA (peft's defaults): average rank per adapter at the end; steps at the full budget first; final steps
   # with the mask fixed; steps between allocations; EMA rates of the sensitivity and of its uncertainty; the
