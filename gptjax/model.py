@@ -43,8 +43,9 @@ class GPTConfig:
   # kernel and whether splash runs as a Mosaic kernel or interpreted. Not a config field: `gptjax.plan` sets it.
   platform: str = ""
   # Low-rank adapters on the projections named in adapter_targets (qkv, out, fc, proj; wte: the token embedding
-  # and the head tied to it), computed in the forward pass beside the frozen kernels: 'lora' adds (alpha / r)·(x·A)·B, 'adalora' (alpha / r)·((x·P)·Λ)·Q. Not config
-  # fields: fine-tuning sets them from its `lora` section.
+  # and the head tied to it), computed in the forward pass beside the frozen kernels: 'lora' adds
+  # (alpha / r)·(x·A)·B, 'adalora' (alpha / r)·((x·P)·Λ)·Q. Not config fields: fine-tuning sets them from its
+  # `lora` section.
   adapter: str = ""
   adapter_rank: int = 0
   adapter_alpha: float = 16.0
