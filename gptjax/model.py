@@ -82,6 +82,12 @@ def _param(rngs, init, shape, axes):
   return nnx.Param(init(rngs.params(), shape, jnp.float32), axes=axes)
 
 
+def low_rank_update(a_RI: jax.Array, b_RO: jax.Array, e_R: jax.Array | None, scale: float) -> jax.Array:
+  """An adapter's dense update scale·Aᵀ·B (AdaLoRA: scale·P·diag(Λ)·Q), [..., I, O]; leading axes stack layers."""
+  a_RI = a_RI if e_R is None else a_RI * e_R[..., :, None]
+  return scale * jnp.matmul(jnp.swapaxes(a_RI, -1, -2), b_RO)
+
+
 class LowRank(nnx.Module):
   """The adapter of one projection [I, O]: x -> (alpha / r)·(x·Aᵀ)·B, A [r, I], B [r, O] (LoRA; B starts at zero,
   so the adapted model starts as the base), or (alpha / r)·((x·P)·Λ)·Q (AdaLoRA, as peft: P, Q ~ N(0, 0.02), Λ
@@ -109,7 +115,7 @@ class LowRank(nnx.Module):
 
   def dense(self) -> jax.Array:
     """The dense update [I, O] that merging adds to the kernel."""
-    return self._a().T @ self.b[...]
+    return low_rank_update(self.a[...], self.b[...], None if self.e is None else self.e[...], self.scale)
 
   def __call__(self, x_BTI: jax.Array) -> jax.Array:
     # As 2-D [B*T, I] matmuls: the gradient of A then contracts one axis, not (B, T), which XLA:CPU runs ~10x

@@ -10,8 +10,9 @@ the kernels (`merge`) when a merged model is written. Scanned models stack adapt
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
+
+from gptjax.model import low_rank_update
 
 # Target name -> (the adapter's key, the path of its kernel from the same module). Einsum kernels (qkv [D, 3, N, H],
 # out [N, H, D]) are seen as matrices [inputs, outputs] in storage order, as the model's adapters see them; the token
@@ -80,9 +81,8 @@ def init_adapters(model_cfg, key: jax.Array) -> dict:
 
 
 def delta(adapter: dict, scale: float) -> jax.Array:
-  """The dense update scale·A·B (AdaLoRA: scale·P·diag(Λ)·Q), [..., in, out]."""
-  a = adapter["a"] * adapter["e"][..., :, None] if "e" in adapter else adapter["a"]
-  return scale * jnp.matmul(jnp.swapaxes(a, -1, -2), adapter["b"])
+  """The dense update of a stored adapter {a, b[, e]}, [..., in, out] (the model's `low_rank_update`)."""
+  return low_rank_update(adapter["a"], adapter["b"], adapter.get("e"), scale)
 
 
 def merge(params: dict, scale: float) -> dict:
