@@ -38,6 +38,14 @@ def device_platform() -> str:
   return jax.default_backend()
 
 
+def mesh_platform(mesh=None) -> str:
+  """The platform a program on `mesh` is compiled for: 'tpu' for a TPU slice's devices, also compile-only ones on a
+  machine without a TPU (gptjax.tpu), else this process's."""
+  if mesh is not None and mesh.devices.flat[0].platform == "tpu":
+    return "tpu"
+  return device_platform()
+
+
 def resolve(implementation: str, dtype, platform: str = "") -> str:
   """The kernel for `platform` (default: this process's): 'auto' -> splash attention on TPUs, cuDNN's fused
   kernel on NVIDIA GPUs in half precision, else 'causal_blocks'."""
@@ -63,7 +71,8 @@ def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh
   the batch, which changes only their grid. An explicit 'pallas' or 'cudnn' is returned as is: its failure stays
   loud.
   """
-  kernel = resolve(implementation, dtype)
+  platform = mesh_platform(mesh)
+  kernel = resolve(implementation, dtype, platform)
   if implementation != "auto" or kernel not in FUSED:
     return kernel
   if kernel == "pallas":  # splash pads the sequence: one probe per padded length (with its longest T)
@@ -71,22 +80,22 @@ def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh
   batch = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in config_lib.batch_axes(rules)]))
   for T in sorted(set(lengths)):
     try:
-      _compile_probe(kernel, jax.ShapeDtypeStruct((batch, T, n_head, head_dim), dtype), mesh, rules)
+      _compile_probe(kernel, jax.ShapeDtypeStruct((batch, T, n_head, head_dim), dtype), mesh, rules, platform)
     except Exception as e:  # Mosaic, Triton and cuDNN reject shapes with various exception types
       error = (str(e).strip().splitlines() or [""])[0][:500].rstrip(".")
       logging.warning("model.attention='auto' picked %s (%r), which does not compile on this %s device for "
                       "sequence length %d, %d heads of size %d, %s (batch %d, one row per data-parallel shard): "
                       "%s: %s. Continuing with model.attention='xla'; set it explicitly to skip this check.",
-                      FUSED[kernel], kernel, device_platform(), T, n_head, head_dim, jnp.dtype(dtype).name, batch,
+                      FUSED[kernel], kernel, platform, T, n_head, head_dim, jnp.dtype(dtype).name, batch,
                       type(e).__name__, error)
       return "xla"
   return kernel
 
 
-def _compile_probe(kernel: str, qkv: jax.ShapeDtypeStruct, mesh, rules) -> None:
+def _compile_probe(kernel: str, qkv: jax.ShapeDtypeStruct, mesh, rules, platform: str = "") -> None:
   """Compiles the kernel's forward and backward pass for this shape, placed as the train step places it."""
   def loss(q_BTNH, k_BSNH, v_BSNH):
-    return causal_attention(q_BTNH, k_BSNH, v_BSNH, kernel).astype(jnp.float32).sum()
+    return causal_attention(q_BTNH, k_BSNH, v_BSNH, kernel, platform).astype(jnp.float32).sum()
   grad = jax.grad(loss, argnums=(0, 1, 2))
   if mesh is not None:
     spec = _rows_and_heads(qkv.shape, mesh, rules)

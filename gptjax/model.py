@@ -40,7 +40,7 @@ class GPTConfig:
   scan_layers: bool = True
   remat: str = "none"
   # The platform the model is lowered for ('tpu', 'cuda', 'cpu'; '' = this process's): picks 'auto' attention's
-  # kernel and whether splash runs as a Mosaic kernel or interpreted. Not a config field: `gptjax.plan` sets it.
+  # kernel and whether splash runs as a Mosaic kernel or interpreted. Not a config field: `for_device` sets it.
   platform: str = ""
   # Low-rank adapters on the projections named in adapter_targets (qkv, out, fc, proj; wte: the token embedding
   # and the head tied to it), computed in the forward pass beside the frozen kernels: 'lora' adds
@@ -63,10 +63,11 @@ class GPTConfig:
 
   def for_device(self, mesh=None, lengths=(), rules=config_lib.DEFAULT_RULES) -> "GPTConfig":
     """This config with `attention` resolved once for this device and sequences of `lengths` (default
-    block_size): a fused kernel 'auto' picked that does not compile there falls back to 'xla' (attention.choose)."""
-    return dataclasses.replace(self, attention=attention.choose(self.attention, self.dtype, self.n_head,
-                                                                self.head_dim, lengths or (self.block_size,), mesh,
-                                                                rules))
+    block_size): a fused kernel 'auto' picked that does not compile there falls back to 'xla' (attention.choose).
+    The mesh's devices decide the platform, so a mesh of a TPU slice's compile-only devices builds the TPU program."""
+    kernel = attention.choose(self.attention, self.dtype, self.n_head, self.head_dim, lengths or (self.block_size,),
+                              mesh, rules)
+    return dataclasses.replace(self, attention=kernel, platform=attention.mesh_platform(mesh))
 
 
 def _normal(std):

@@ -22,6 +22,7 @@ import re
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 
 from gptjax import attention, config as config_lib, sharding, train
@@ -46,34 +47,56 @@ def abstract_batch(config, mesh, micro: int = 0) -> jax.ShapeDtypeStruct:
                               np.int32, sharding=sharding.batch_sharding(mesh, config.mesh.rules, 3, 1))
 
 
-def step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, micro: int) -> int:
-  """Per-device bytes of one compiled train step with this micro-batch (temporaries + arguments)."""
+def out_of_memory(error: Exception) -> bool:
+  """Whether a compile failed because the program does not fit in device memory (the TPU compiler's verdict)."""
+  return "RESOURCE_EXHAUSTED" in str(error)
+
+
+def step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, micro: int) -> float:
+  """Per-device bytes of one compiled train step with this micro-batch (temporaries + arguments); infinite when
+  the compiler (TPU) refuses it as larger than the device's memory."""
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-  analysis = step.lower(abstract_state, abstract_batch(config, mesh, micro)).compile().memory_analysis()
+  try:
+    analysis = step.lower(abstract_state, abstract_batch(config, mesh, micro)).compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except  # only an out-of-memory verdict is an answer here
+    if out_of_memory(e):
+      return float("inf")
+    raise
   return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes)
 
 
-def fit_micro_batch(config, graphdef, abstract_state, shardings, mesh, tx) -> int:
-  """The largest micro-batch (per data-parallel shard, dividing the batch) whose step fits in device memory."""
+def fit_micro_batch(config, graphdef, abstract_state, shardings, mesh, tx, memory_bytes: int = 0) -> int:
+  """The largest micro-batch (per data-parallel shard, dividing the batch) whose step fits in device memory
+  (`memory_bytes` per device; default: this process's device).
+
+  Memory grows ~linearly with the micro-batch: each compile's bytes predict the largest candidate that fits, which
+  is compiled next (bisecting when the compiler only says "out of memory"), until neighbours fit and do not.
+  """
   dp = config_lib.data_parallel_degree(config, mesh.size)
   per_shard = config.train.batch_size // dp
-  candidates = [m for m in range(per_shard, 0, -1) if per_shard % m == 0]
-  budget = HEADROOM * device_memory_bytes()
-  # Memory grows ~linearly with the micro-batch: measure at one size, guess, then confirm by compiling.
-  probe = candidates[min(len(candidates) - 1, len(candidates) // 2)]
-  probe_bytes = step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, probe)
+  candidates = [m for m in range(1, per_shard + 1) if per_shard % m == 0]
+  budget = HEADROOM * (memory_bytes or device_memory_bytes())
   fixed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)) // max(1, mesh.size)
-  per_sequence = max(1, (probe_bytes - fixed) / probe)
-  for micro in candidates:
-    if fixed + per_sequence * micro > budget:
-      continue
-    used = step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, micro)
+  lo, hi, best, guess = 0, len(candidates) - 1, None, (len(candidates) - 1) // 2
+  while lo <= hi:
+    used = step_memory_bytes(config, graphdef, abstract_state, shardings, mesh, tx, candidates[guess])
     if used <= budget:
-      logging.info("micro-batch %d: %.1f GiB of %.1f GiB", micro, used / 2**30, budget / 2**30)
-      return micro
-  raise config_lib.ConfigError(
-      f"even a micro-batch of 1 sequence needs ~{(fixed + per_sequence) / 2**30:.1f} GiB per device but "
-      f"{budget / 2**30:.1f} GiB are usable; set model.remat='full', raise mesh.fsdp, or use bigger devices.")
+      best, lo = guess, guess + 1
+    else:
+      hi = guess - 1
+    if used == float("inf"):
+      guess = (lo + hi) // 2
+    else:
+      per_sequence = max(1.0, (used - fixed) / candidates[guess])
+      predicted = max([i for i, m in enumerate(candidates) if fixed + per_sequence * m <= budget], default=0)
+      guess = min(max(predicted, lo), hi)
+  if best is None:
+    raise config_lib.ConfigError(
+        f"even a micro-batch of 1 sequence does not fit in the {budget / 2**30:.1f} GiB per device that are usable "
+        f"({HEADROOM:.0%} of the device's memory); set model.remat='full', raise mesh.fsdp, or use bigger devices.")
+  micro = candidates[best]
+  logging.info("micro-batch %d: fits in %.1f GiB", micro, budget / 2**30)
+  return micro
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -85,29 +108,53 @@ def _per_device_bytes(abstract_tree, shardings) -> int:
              for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
 
 
+def _model_config(config, mesh):
+  """The model as a run on `mesh` builds it: 'auto' attention resolved (and probed) for the mesh's devices."""
+  from gptjax.model import GPTConfig
+  vocab = config_lib.check_vocab(config, config.data.vocab_size)
+  return GPTConfig.from_config(config.model, vocab).for_device(mesh, rules=config.mesh.rules)
+
+
 def analyze(config, devices) -> dict:
-  """Per-device memory (parameters, optimizer, step temporaries), FLOPs and collectives of the compiled step."""
-  from gptjax.model import GPTConfig, count_params, flops_per_token
+  """Per-device memory (parameters, optimizer, step temporaries), FLOPs and collectives of the compiled step.
+
+  On a TPU slice's compile-only devices (gptjax.tpu) these are the TPU compiler's numbers; a step it refuses as
+  larger than the chip's memory comes back with compiled=False and the compiler's message.
+  """
+  from gptjax.model import count_params, flops_per_token
   mesh = sharding.make_mesh(config, devices)
-  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
+  model_cfg = _model_config(config, mesh)
   tx = train.make_optimizer(config)
   graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
   batch = abstract_batch(config, mesh)
   accum, micro = batch.shape[0], batch.shape[1] // (config_lib.data_parallel_degree(config, mesh.size))
-  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
-  compiled = step.lower(abstract, batch).compile()
-  memory = compiled.memory_analysis()
-  hlo = compiled.as_text()
   n_params = count_params(abstract["params"], exclude_position=True)
-  return dict(
-      mesh=dict(mesh.shape), micro_batch=micro, accumulation=accum,
+  report = dict(
+      mesh=dict(mesh.shape), micro_batch=micro, accumulation=accum, dtype=config.model.dtype,
+      remat=config.model.remat, attention=f"{config.model.attention} -> {model_cfg.attention}",
       params_bytes=_per_device_bytes(abstract["params"], shardings["params"]),
       optimizer_bytes=_per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
-      temp_bytes=int(memory.temp_size_in_bytes), total_bytes=int(memory.temp_size_in_bytes +
-                                                                 memory.argument_size_in_bytes),
       model_flops_per_step=flops_per_token(model_cfg, n_params, model_cfg.block_size) * config.train.batch_size *
-      model_cfg.block_size,
-      collectives={op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in COLLECTIVES})
+      model_cfg.block_size)
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  try:
+    compiled = step.lower(abstract, batch).compile()
+  except Exception as e:  # pylint: disable=broad-except  # only an out-of-memory verdict is an answer here
+    if not out_of_memory(e):
+      raise
+    return dict(report, compiled=False, compiler_error=str(e).strip().splitlines()[0])
+  memory = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  cost = compiled.cost_analysis() or {}
+  outputs = int(memory.output_size_in_bytes - memory.alias_size_in_bytes)  # donated state is written in place
+  return dict(
+      report, compiled=True, temp_bytes=int(memory.temp_size_in_bytes),
+      argument_bytes=int(memory.argument_size_in_bytes), output_bytes=outputs,
+      code_bytes=int(memory.generated_code_size_in_bytes),
+      total_bytes=int(memory.temp_size_in_bytes + memory.argument_size_in_bytes + outputs),
+      collectives={op: len(re.findall(rf"\b{op}(-start)?\(", hlo)) for op in COLLECTIVES},
+      mosaic_kernels=hlo.count('custom_call_target="tpu_custom_call"'),
+      compiler_flops=float(cost.get("flops", 0.0)), compiler_optimal_seconds=float(cost.get("optimal_seconds", 0.0)))
 
 
 def lower(step, platform: str, *args) -> jax.export.Exported:
@@ -169,23 +216,9 @@ def suggest(config, plan: dict, n_devices: int, hbm_bytes: int) -> list[dict]:
   bytes per sequence. `replicated` marks degrees that some sharded dimension is not divisible by (e.g. GPT-2 XL's
   embed=1600 by 256): those dimensions stay whole on every device.
   """
-  from gptjax.model import GPTConfig
-  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
-  tx = train.make_optimizer(config)
-  tensor = plan["mesh"]["tensor"]
-  rows, fsdp = [], 1
-  while fsdp * tensor <= n_devices:
-    if n_devices % (fsdp * tensor) == 0:
-      mesh = jax.sharding.AbstractMesh((n_devices // (fsdp * tensor), fsdp, tensor), config_lib.MESH_AXES,
-                                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-      _, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
-      state = {k: abstract[k] for k in ("params", "opt_state")}
-      per_device = _per_device_bytes(state, {k: shardings[k] for k in state})
-      whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-      rows.append(dict(fsdp=fsdp, state_gib=per_device / 2**30, replicated=per_device > 1.25 * whole / (fsdp * tensor),
-                       max_micro_batch=_max_micro_batch(plan, hbm_bytes, per_device)))
-    fsdp *= 2
-  return rows
+  return [dict(fsdp=row["fsdp"], state_gib=row["state_bytes"] / 2**30, replicated=row["replicated"],
+               max_micro_batch=_max_micro_batch(plan, hbm_bytes, row["state_bytes"]))
+          for row in state_rows(config, n_devices, plan["mesh"]["tensor"])]
 
 
 def variants(config, devices, plan: dict, hbm_bytes: int) -> list[dict]:
@@ -207,22 +240,282 @@ def variants(config, devices, plan: dict, hbm_bytes: int) -> list[dict]:
       variant = config.copy_and_resolve_references()
       variant.model.update(dtype=dtype, remat=remat)
       measured = analyze(variant, devices)
+      if not measured["compiled"]:  # the TPU compiler refused it: larger than the chip
+        rows.append(dict(dtype=dtype, remat=remat, fits=False, max_micro_batch=0,
+                         compiler_error=measured["compiler_error"]))
+        continue
       rows.append(dict(dtype=dtype, remat=remat, temp_bytes=measured["temp_bytes"],
                        total_bytes=measured["total_bytes"], fits=measured["total_bytes"] <= HEADROOM * hbm_bytes,
                        max_micro_batch=_max_micro_batch(measured, hbm_bytes)))
   return rows
 
 
+def step_bytes_accessed(config, devices, plan: dict) -> float:
+  """HBM bytes one device moves in a train step, from the compiler's cost analysis.
+
+  The analysis counts a loop body once (the scan over layers, the accumulation loop), so it is read off loop-free
+  programs: the step without accumulation at the plan's micro-batch with its layers unrolled, compiled at 1 and 2
+  layers and extrapolated to n_layer (the layers are identical), times the micro-batches, with the optimizer
+  update (compiled on its own at full depth) counted once.
+  """
+  mesh = sharding.make_mesh(config, devices)
+  dp = config_lib.data_parallel_degree(config, mesh.size)
+
+  def compiled_bytes(n_layer: int) -> float:
+    small = config.copy_and_resolve_references()
+    small.model.update(n_layer=n_layer, scan_layers=False)
+    small.train.update(batch_size=plan["micro_batch"] * dp, micro_batch_size=0)
+    model_cfg = _model_config(small, mesh)
+    tx = train.make_optimizer(small)
+    graphdef, abstract, shardings = train.abstract_state(small, model_cfg, mesh, tx)
+    step = train.make_train_step(graphdef, tx, small, shardings, mesh)
+    return step.lower(abstract, abstract_batch(small, mesh)).compile().cost_analysis()["bytes accessed"]
+
+  one, two = compiled_bytes(1), compiled_bytes(2)
+  tx = train.make_optimizer(config)
+  _, abstract, shardings = train.abstract_state(config, _model_config(config, mesh), mesh, tx)
+
+  def update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  params, opt_state = abstract["params"], abstract["opt_state"]
+  update_bytes = jax.jit(update, in_shardings=(shardings["params"], shardings["opt_state"], shardings["params"]),
+                         out_shardings=(shardings["params"], shardings["opt_state"]), donate_argnums=(0, 1)).lower(
+                             params, opt_state, params).compile().cost_analysis()["bytes accessed"]
+  micro_step = one + (config.model.n_layer - 1) * (two - one) - update_bytes
+  return plan["accumulation"] * micro_step + update_bytes
+
+
+def state_bytes(config, mesh_shape) -> tuple[int, bool]:
+  """Parameters + optimizer state one device holds on a (data, fsdp, tensor) mesh as the rules place them, and
+  whether some sharded dimension is not divisible by its degree (it then stays whole on every device)."""
+  from gptjax.model import GPTConfig
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
+  tx = train.make_optimizer(config)
+  mesh = jax.sharding.AbstractMesh(tuple(mesh_shape), config_lib.MESH_AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  _, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+  state = {k: abstract[k] for k in ("params", "opt_state")}
+  per_device = _per_device_bytes(state, {k: shardings[k] for k in state})
+  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  return per_device, per_device > 1.25 * whole / (mesh_shape[1] * mesh_shape[2])
+
+
+def state_rows(config, n_devices: int, tensor: int = 1) -> list[dict]:
+  """`state_bytes` for each FSDP degree (powers of two, times `tensor`, dividing `n_devices`)."""
+  rows = []
+  for fsdp in (2**k for k in range(int(np.log2(n_devices // tensor)) + 1)):
+    if n_devices % (fsdp * tensor) == 0:
+      per_device, replicated = state_bytes(config, (n_devices // (fsdp * tensor), fsdp, tensor))
+      rows.append(dict(fsdp=fsdp, state_bytes=per_device, replicated=replicated))
+  return rows
+
+
+def suggest(config, plan: dict, n_devices: int, hbm_bytes: int) -> list[dict]:
+  """For each FSDP degree: the state per device as the rules place it, and the largest micro-batch that fits.
+
+  The state is exact (shardings on a mesh of that shape); the micro-batch is a linear estimate from the plan's
+  bytes per sequence. `replicated` marks degrees that some sharded dimension is not divisible by (e.g. GPT-2 XL's
+  embed=1600 by 256): those dimensions stay whole on every device.
+  """
+  return [dict(fsdp=row["fsdp"], state_gib=row["state_bytes"] / 2**30, replicated=row["replicated"],
+               max_micro_batch=_max_micro_batch(plan, hbm_bytes, row["state_bytes"]))
+          for row in state_rows(config, n_devices, plan["mesh"]["tensor"])]
+
+
+def variants(config, devices, plan: dict, hbm_bytes: int) -> list[dict]:
+  """When `plan` exceeds the HBM: the step compiled again with bf16 activations and/or remat, measured.
+
+  Each row is one (model.dtype, model.remat) other than the config's, on the same mesh and micro-batch, with
+  XLA's temporaries and total per device, whether it fits, and the micro-batch that would (linear estimate).
+  """
+  if plan["total_bytes"] <= HEADROOM * hbm_bytes:
+    return []
+  m = config.model
+  dtypes = [m.dtype] + [d for d in ("bfloat16",) if d != m.dtype]
+  remats = [m.remat] + [r for r in ("dots", "full") if r != m.remat]
+  rows = []
+  for dtype in dtypes:
+    for remat in remats:
+      if (dtype, remat) == (m.dtype, m.remat):
+        continue
+      variant = config.copy_and_resolve_references()
+      variant.model.update(dtype=dtype, remat=remat)
+      measured = analyze(variant, devices)
+      if not measured["compiled"]:  # the TPU compiler refused it: larger than the chip
+        rows.append(dict(dtype=dtype, remat=remat, fits=False, max_micro_batch=0,
+                         compiler_error=measured["compiler_error"]))
+        continue
+      rows.append(dict(dtype=dtype, remat=remat, temp_bytes=measured["temp_bytes"],
+                       total_bytes=measured["total_bytes"], fits=measured["total_bytes"] <= HEADROOM * hbm_bytes,
+                       max_micro_batch=_max_micro_batch(measured, hbm_bytes)))
+  return rows
+
+
+def step_bytes_accessed(config, devices, plan: dict) -> float:
+  """HBM bytes one device moves in a train step, from the compiler's cost analysis.
+
+  The analysis counts a loop body once (the scan over layers, the accumulation loop), so it is read off loop-free
+  programs: the step without accumulation at the plan's micro-batch with its layers unrolled, compiled at 1 and 2
+  layers and extrapolated to n_layer (the layers are identical), times the micro-batches, with the optimizer
+  update (compiled on its own at full depth) counted once.
+  """
+  mesh = sharding.make_mesh(config, devices)
+  dp = config_lib.data_parallel_degree(config, mesh.size)
+
+  def compiled_bytes(n_layer: int) -> float:
+    small = config.copy_and_resolve_references()
+    small.model.update(n_layer=n_layer, scan_layers=False)
+    small.train.update(batch_size=plan["micro_batch"] * dp, micro_batch_size=0)
+    model_cfg = _model_config(small, mesh)
+    tx = train.make_optimizer(small)
+    graphdef, abstract, shardings = train.abstract_state(small, model_cfg, mesh, tx)
+    step = train.make_train_step(graphdef, tx, small, shardings, mesh)
+    return step.lower(abstract, abstract_batch(small, mesh)).compile().cost_analysis()["bytes accessed"]
+
+  one, two = compiled_bytes(1), compiled_bytes(2)
+  tx = train.make_optimizer(config)
+  _, abstract, shardings = train.abstract_state(config, _model_config(config, mesh), mesh, tx)
+
+  def update(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  params, opt_state = abstract["params"], abstract["opt_state"]
+  update_bytes = jax.jit(update, in_shardings=(shardings["params"], shardings["opt_state"], shardings["params"]),
+                         out_shardings=(shardings["params"], shardings["opt_state"]), donate_argnums=(0, 1)).lower(
+                             params, opt_state, params).compile().cost_analysis()["bytes accessed"]
+  micro_step = one + (config.model.n_layer - 1) * (two - one) - update_bytes
+  return plan["accumulation"] * micro_step + update_bytes
+
+
+def state_rows(config, n_devices: int, tensor: int = 1) -> list[dict]:
+  """For each FSDP degree (powers of two, x `tensor`, up to `n_devices`): the parameters + optimizer state one
+  device holds as the rules place them, and whether some sharded dimension is not divisible (`replicated`)."""
+  from gptjax.model import GPTConfig
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
+  tx = train.make_optimizer(config)
+  rows, fsdp = [], 1
+  while fsdp * tensor <= n_devices:
+    if n_devices % (fsdp * tensor) == 0:
+      mesh = jax.sharding.AbstractMesh((n_devices // (fsdp * tensor), fsdp, tensor), config_lib.MESH_AXES,
+                                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+      _, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+      state = {k: abstract[k] for k in ("params", "opt_state")}
+      per_device = _per_device_bytes(state, {k: shardings[k] for k in state})
+      whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+      rows.append(dict(fsdp=fsdp, state_bytes=per_device, replicated=per_device > 1.25 * whole / (fsdp * tensor)))
+    fsdp *= 2
+  return rows
+
+
+def plan_tpu(config, slice_) -> dict:
+  """The run's train step compiled by the TPU compiler for the slice `slice_` (gptjax.tpu.Slice): per-chip memory,
+  the micro-batch (train.micro_batch_size=-1 searched as the run searches it), collectives, a roofline estimate of
+  the step time; when it does not fit, the state per chip, the FSDP degree that holds it, and remat variants."""
+  from gptjax import tpu
+  chip, hbm = slice_.chip, slice_.chip.hbm_bytes
+  devices = tpu.devices(slice_)
+  config = config.copy_and_resolve_references()
+  report = dict(tpu=slice_.accelerator, topology=slice_.topology, chips=slice_.chips,
+                chip=dataclasses.asdict(chip), searched_micro_batch=config.train.micro_batch_size == -1)
+  mesh = sharding.make_mesh(config, devices)
+  if state_bytes(config, mesh.devices.shape)[0] > HEADROOM * hbm:  # no micro-batch or remat helps: split the state
+    # Half the chip for the state leaves the other half for a micro-batch's activations.
+    rows = (dict(fsdp=2**k, state_bytes=state_bytes(config, (1, 2**k, 1))[0]) for k in range(13)
+            if not state_bytes(config, (1, 2**k, 1))[1])
+    needed = next((r for r in rows if r["state_bytes"] <= HEADROOM * hbm / 2), None)
+    config.train.micro_batch_size = max(config.train.micro_batch_size, 1)
+    return dict(report, **analyze(config, devices), searched_micro_batch=False, fits=False, state_exceeds_chip=True,
+                fsdp_needed=needed)
+  if config.train.micro_batch_size == -1:
+    tx = train.make_optimizer(config)
+    graphdef, abstract, shardings = train.abstract_state(config, _model_config(config, mesh), mesh, tx)
+    try:
+      config.train.micro_batch_size = fit_micro_batch(config, graphdef, abstract, shardings, mesh, tx, hbm)
+    except config_lib.ConfigError:
+      config.train.micro_batch_size = 1  # reported below as not fitting, with the remat variants that would
+  plan = dict(report, **analyze(config, devices))
+  plan["fits"] = plan["compiled"] and plan["total_bytes"] <= hbm
+  if plan["fits"]:
+    compute = plan["model_flops_per_step"] / (slice_.chips * chip.bf16_flops)
+    memory = step_bytes_accessed(config, devices, plan) / chip.hbm_bytes_per_s
+    plan.update(roofline_compute_s=compute, roofline_memory_s=memory, step_time_bound_s=max(compute, memory),
+                mfu_ceiling=compute / max(compute, memory))
+  else:
+    plan["variants"] = variants(config, devices, dict(plan, total_bytes=float("inf")), hbm)
+  return plan
+
+
+def print_tpu_plan(plan: dict, libtpu_version: str) -> None:
+  """The TPU plan for a person, each figure with its source; the last line is the plan as one JSON object."""
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  chip = plan["chip"]
+  hbm = chip["hbm_bytes"]
+  print(f"--tpu={plan['tpu']}: {plan['chips']} x TPU {chip['generation']} (topology {plan['topology']}); per chip "
+        f"{chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {gib(hbm)} HBM usable, {chip['hbm_bytes_per_s'] / 1e9:.0f} "
+        f"GB/s (gptjax.tpu.CHIPS); compiled by the TPU compiler (libtpu {libtpu_version}, compile-only)")
+  print(f"mesh {plan['mesh']} | model.dtype={plan['dtype']} model.remat={plan['remat']} | model.attention: "
+        f"{plan['attention']}" + (f" ({plan['mosaic_kernels']} Mosaic kernels in the step)"
+                                  if plan.get("mosaic_kernels") else ""))
+  if plan["attention"].startswith("auto -> xla"):
+    print("  note: splash attention does not compile for these shapes (the warning above says why): a run with "
+          "model.attention='auto' falls back to 'xla' attention, as this plan did.")
+  how = ("train.micro_batch_size=-1: the largest that fits, searched on the TPU compiler's memory"
+         if plan["searched_micro_batch"] else "the config's train.micro_batch_size, or 1 for -1 when nothing fits")
+  print(f"micro-batch {plan['micro_batch']} per data-parallel shard x {plan['accumulation']} accumulation steps "
+        f"({how})")
+  state = plan["params_bytes"] + plan["optimizer_bytes"]
+  print(f"per chip, state (exact, from the shardings): parameters {gib(plan['params_bytes'])} + optimizer "
+        f"{gib(plan['optimizer_bytes'])} = {gib(state)}")
+  if plan.get("state_exceeds_chip"):
+    print(f"DOES NOT FIT: the parameters and optimizer state alone take {gib(state)} per chip, more than "
+          f"{HEADROOM:.0%} of the {gib(hbm)} HBM of one {chip['generation']} chip; no micro-batch or remat can fix "
+          "that.")
+    if plan["fsdp_needed"]:
+      n = plan["fsdp_needed"]["fsdp"]
+      print(f"  it needs FSDP over at least {n} chips ({gib(plan['fsdp_needed']['state_bytes'])} of state per chip, "
+            f"half the HBM left for activations): plan it with --tpu={chip['generation']}-"
+            f"{n * 2 if chip['counts_cores'] else n} --config.mesh.data=1 --config.mesh.fsdp=-1")
+  if plan["compiled"]:
+    print(f"per chip (TPU compiler's memory_analysis): arguments {gib(plan['argument_bytes'])} | temporaries "
+          f"{gib(plan['temp_bytes'])} | outputs {gib(plan['output_bytes'])} (the state is updated in place) | code "
+          f"{gib(plan['code_bytes'])} | total {gib(plan['total_bytes'])} of {gib(hbm)} HBM "
+          f"({plan['total_bytes'] / hbm:.0%}){': fits' if plan['fits'] else ''}")
+    print(f"collectives in the compiled step: {plan['collectives']}")
+  else:
+    print(f"the TPU compiler refuses the step: {plan['compiler_error']}")
+  print(f"model FLOPs per step: {plan['model_flops_per_step']:.3g} (6 x parameters + attention per token, "
+        f"gptjax.model.flops_per_token; the compiler counts splash's FLOPs as 0)")
+  if "step_time_bound_s" in plan:
+    print(f"roofline: compute {plan['roofline_compute_s']:.3f} s (model FLOPs at peak) | memory "
+          f"{plan['roofline_memory_s']:.3f} s (the compiler's bytes accessed at HBM bandwidth) -> step >= "
+          f"{plan['step_time_bound_s']:.3f} s, MFU <= {plan['mfu_ceiling']:.0%}")
+  for row in plan.get("variants", []):
+    if "total_bytes" in row:
+      print(f"  with model.dtype={row['dtype']} model.remat={row['remat']}: total {gib(row['total_bytes'])} per chip (TPU compiler): "
+            f"{'fits' if row['fits'] else 'does not fit'}; micro-batch up to ~{row['max_micro_batch']}")
+    else:
+      print(f"  with model.dtype={row['dtype']} model.remat={row['remat']}: still refused: {row['compiler_error']}")
+  print(json.dumps(plan))
+
+
 def _main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  jax.config.update("jax_platforms", "cpu")  # fake CPU devices, or a TPU slice's compile-only devices (--tpu)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={f.devices}").strip()
   config = _CONFIG.value
   if f.mesh:
     config.mesh.update(dict(zip(config_lib.MESH_AXES, (int(d) for d in f.mesh.split(",")))))
+  if f.tpu:
+    from gptjax import tpu
+    slice_ = tpu.parse(f.tpu)
+    tpu.devices(slice_)  # a missing libtpu is one error line before any work
+    config_lib.validate(config, slice_.chips)
+    print_tpu_plan(plan_tpu(config, slice_), tpu.libtpu_version())
+    return
   if config.train.micro_batch_size == -1:
     config.train.micro_batch_size = f.micro_batch
   config_lib.validate(config, f.devices)
@@ -276,6 +569,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("mesh", "", "data,fsdp,tensor degrees (default: the config's).")
   flags.DEFINE_integer("micro_batch", 1, "Micro-batch per data-parallel shard when the config says -1 (auto).")
   flags.DEFINE_float("hbm_gib", 16.0, "Memory of one device in GiB (TPU v5e: 16, v5p: 95, H100: 80).")
+  flags.DEFINE_string("tpu", None, "Plan for this Cloud TPU accelerator type (v5e-1, v5litepod-8, v5p-64, v6e-16, "
+                      "v4-32, ...) with the real TPU compiler (libtpu, compile-only: no TPU needed) instead of fake "
+                      "CPU devices; --devices and --hbm_gib then come from the type.")
   flags.DEFINE_enum("platform", None, ["tpu", "cuda", "cpu"], "Instead of the memory plan: lower the train step "
                     "for this platform (jax.export, no device needed) and report the attention kernel as lowered.")
   flags.DEFINE_bool("variants", True, "When the plan exceeds hbm_gib, also compile it with bfloat16 activations "

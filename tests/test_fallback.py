@@ -45,7 +45,7 @@ def test_auto_falls_back_to_xla_with_one_warning_naming_kernel_shape_and_error(m
 def test_splash_is_probed_once_per_padded_length(monkeypatch):
   probed = []
   monkeypatch.setattr(attention, "device_platform", lambda: "tpu")
-  monkeypatch.setattr(attention, "_compile_probe", lambda kernel, qkv, mesh, rules: probed.append((kernel, qkv.shape)))
+  monkeypatch.setattr(attention, "_compile_probe", lambda kernel, qkv, *_: probed.append((kernel, qkv.shape)))
   assert attention.choose("auto", jnp.float32, 4, 32, [16, 32, 128, 129, 256, 1000], None) == "pallas"
   # 16..128 pad to 128, 129 and 256 to 256, 1000 to 1024: the longest of each is compiled.
   assert probed == [("pallas", (1, 128, 4, 32)), ("pallas", (1, 256, 4, 32)), ("pallas", (1, 1000, 4, 32))]
