@@ -103,9 +103,11 @@ def devices(slice_or_type):
   if not available():
     raise UserError(f"--tpu={slice_.accelerator} compiles with the TPU compiler, which is not installed: {EXTRA} "
                     "(libtpu; it compiles for TPUs on a machine without one).")
-  # Without a TPU attached libtpu would look for the TPU VM's metadata server and workers and log errors for each.
+  # Without a TPU attached libtpu would look for the TPU VM's metadata server and workers and log errors for each;
+  # compiling claims no chip, so several processes (pytest-xdist workers) may load it at once.
   for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-1"),
-                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
+                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(name, value)
   from jax.experimental import topologies
   extra = {"chip_config_name": "megacore"} if slice_.chip.counts_cores else {}

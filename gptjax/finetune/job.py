@@ -39,9 +39,10 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
                                  f"data-parallel degree {dp} (each device scores its rows).")
   task = tasks.make_task(config.task)
   base = loader.load_model(config.checkpoint.init_from, mesh)
-  # Remat is this run's memory/compute choice, not the base's: 'qkv_fc' keeps LoRA at 0.43x the memory of full
-  # fine-tuning (benchmarks/RESULTS.md).
-  tokenizer, model_cfg = base.tokenizer, dataclasses.replace(base.model_cfg, remat=config.model.remat)
+  # Remat and the compute dtype are this run's memory/speed choices, not the base's: 'qkv_fc' keeps LoRA at 0.43x the
+  # memory of full fine-tuning (benchmarks/RESULTS.md); bfloat16 is what a TPU or GPU computes fast.
+  tokenizer, model_cfg = base.tokenizer, dataclasses.replace(base.model_cfg, remat=config.model.remat,
+                                                             dtype=config.model.dtype)
   max_len = config.task.max_len or model_cfg.block_size
   if max_len > model_cfg.block_size:
     raise config_lib.ConfigError(f"task.max_len={max_len} exceeds the base model's block_size "

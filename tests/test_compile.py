@@ -1,0 +1,214 @@
+"""Every shipped config's train, fine-tune and decode steps built for the hardware we do not have.
+
+TPU: compiled by the real TPU compiler (libtpu in compile-only mode, gptjax.tpu) for Colab's single v5e chip and for
+a v5p-16 slice (8 chips) with FSDP over all of them, on meshes of the slices' own devices, the way a run builds them:
+`model.attention='auto'` resolves (and probes splash) through `GPTConfig.for_device`, and splash must be in the
+compiled program as Mosaic kernels (`tpu_custom_call`). Skipped, with the fix, when libtpu is not installed.
+CUDA: lowered (`jax.export`) on 8 fake CPU devices with 'xla' attention (cuDNN lowers only on a GPU: jax reads its
+version while tracing).
+
+Models keep each config's width, heads, head size, context and vocabulary, in bfloat16, with one layer (the layers are
+identical; a scanned stack stays a scan of one); the Colab notebook's TPU runs compile at full size and must fit. Fine-tuning configs run on the
+base their docstring names; a batch that the data-parallel degree does not divide is rounded up; a micro-batch of
+-1 (fitted to the device at start-up) is 1 here.
+"""
+
+import dataclasses
+import pathlib
+import runpy
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptjax import attention, config as config_lib, generate, plan, sharding, tpu, train
+from gptjax.finetune import tasks
+from gptjax.model import GPTConfig
+
+CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
+# gpt2.py (small by default) is built under the names of its four sizes, configs/gpt2_SIZE.py.
+CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "gpt2")
+# The base model a fine-tuning config's checkpoint.init_from (or its docstring: hf:gpt2) names.
+FINETUNE_BASES = {"sst2": "task_pretrain", "conll2003_ner": "task_pretrain", "sft": "gpt2_small"}
+PRETRAINING = [name for name in CONFIGS if name not in FINETUNE_BASES]
+BASES = sorted(set(PRETRAINING) | set(FINETUNE_BASES.values()))
+# target -> (data, fsdp, tensor): TPU slices by accelerator type, CUDA on 8 fake CPU devices.
+TARGETS = {"v5e-1": (1, 1, 1), "v5p-16": (1, 8, 1), "cuda-fsdp": (1, 8, 1), "cuda-3d": (2, 2, 2)}
+LABELS = {"classify": 2, "ner": 9, "sft": 0}  # SST-2's labels, CoNLL-2003's BIO tags; SFT has no head
+ROW_KEYS = {"lengths"}  # batch arrays with one value per row; the rest are [B, T] (classify's labels: per row)
+
+
+def _is_tpu(target: str) -> bool:
+  return not target.startswith("cuda")
+
+
+def _devices(target: str):
+  if not _is_tpu(target):
+    return jax.devices()[:8]
+  if not tpu.available():
+    pytest.skip(f"libtpu is not installed: {tpu.EXTRA} brings the TPU compiler")
+  return tpu.devices(target)
+
+
+def _config(name: str, target: str):
+  """The shipped config `name` with its depth reduced, in bfloat16, on the target's mesh."""
+  config = runpy.run_path(str(CONFIG_DIR / f"{name}.py"))["get_config"]()
+  config.model.update(n_layer=1, dtype="bfloat16",
+                      attention="auto" if _is_tpu(target) else "xla")
+  config.mesh.update(dict(zip(config_lib.MESH_AXES, TARGETS[target])))
+  if config.data.tokenizer == "char":
+    config.data.vocab_size = 65  # tinyshakespeare's characters
+  if config.train.micro_batch_size == -1:
+    config.train.micro_batch_size = 1
+  dp = TARGETS[target][0] * TARGETS[target][1] * max(config.train.micro_batch_size, 1)
+  config.train.batch_size = -(-config.train.batch_size // dp) * dp
+  return config
+
+
+def _model(config, mesh, target: str) -> GPTConfig:
+  """The model as a run on `mesh` builds it; for CUDA, the platform set by hand (the mesh is of CPU devices)."""
+  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
+  if _is_tpu(target):
+    return model_cfg.for_device(mesh, rules=config.mesh.rules)
+  return dataclasses.replace(model_cfg, platform="cuda")
+
+
+def _placed(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _build(name: str, what: str, target: str, step, *args, **kwargs) -> str:
+  """The program's text, compiled for a TPU target or lowered for CUDA; a failure names the config."""
+  try:
+    if _is_tpu(target):
+      return step.lower(*args, **kwargs).compile().as_text()
+    return jax.export.export(step, platforms=["cuda"])(*args, **kwargs).mlir_module()
+  except Exception as e:  # pylint: disable=broad-except  # any failure: report which config it was
+    pytest.fail(f"configs/{name}.py: the {what} does not {'compile' if _is_tpu(target) else 'lower'} for "
+                f"{target} (mesh {TARGETS[target]}): {type(e).__name__}: {str(e)[:2000]}")
+
+
+def _check_attention(name: str, what: str, target: str, model_cfg: GPTConfig, program: str) -> None:
+  """Splash as Mosaic kernels on TPU ('auto' picks it and it compiles for every shipped shape); XLA ops on CUDA."""
+  if _is_tpu(target):
+    assert model_cfg.attention == "pallas", f"configs/{name}.py: 'auto' fell back to {model_cfg.attention} on {target}"
+    assert "tpu_custom_call" in program, f"configs/{name}.py: the {what} for {target} holds no splash kernel"
+  else:
+    assert "__cudnn$fmha" not in program and "tpu_custom_call" not in program
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_train_step_builds(name, target):
+  config = _config(name, target)
+  mesh = sharding.make_mesh(config, _devices(target))
+  model_cfg = _model(config, mesh, target)
+  tx = train.make_optimizer(config)
+  graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  program = _build(name, "train step", target, step, _placed(abstract, shardings), plan.abstract_batch(config, mesh))
+  _check_attention(name, "train step", target, model_cfg, program)
+
+
+def _finetune_step(config, model_cfg: GPTConfig, mesh):
+  """The fine-tuning job's train step for a task config on `model_cfg`'s base, with abstract state and batch."""
+  task = tasks.make_task(config.task)
+  graphdef, abstract = train.abstract_model(model_cfg)
+  head = jax.eval_shape(lambda: task.init_head(model_cfg.n_embd, LABELS[config.task.kind], jax.random.key(0), None))
+  trainable = {"base": nnx.to_pure_dict(abstract), "head": head}
+  trainable_shardings = {"base": sharding.state_shardings(abstract, config.mesh.rules, mesh),
+                         "head": jax.tree.map(lambda _: sharding.replicated(mesh), head)}
+  tx = train.make_optimizer(config)
+  replicated = sharding.replicated(mesh)
+  shardings = {"step": replicated, "skipped": replicated, "params": trainable_shardings,
+               "opt_state": train.optimizer_shardings(tx, trainable, trainable_shardings, mesh)}
+  state = _placed(jax.eval_shape(lambda t: train.new_state(t, tx), trainable), shardings)
+  B, T = config.train.batch_size, config.task.max_len or model_cfg.block_size
+  row_keys = ROW_KEYS | ({"labels"} if config.task.kind == "classify" else set())
+  # The loop's batch: [accum, B, ...], rows split over the batch axes.
+  placement = sharding.batch_sharding(mesh, config.mesh.rules, 2, 1)
+  batch = {k: jax.ShapeDtypeStruct((1, B) if k in row_keys else (1, B, T), np.int32, sharding=placement)
+           for k in task.batch_keys}
+  objective = lambda p, frozen, b, key: task.loss(nnx.merge(graphdef, p["base"]), p["head"], b, key)[0]
+  return train.make_train_step(graphdef, tx, config, shardings, mesh, objective), state, batch
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", sorted(FINETUNE_BASES))
+def test_finetune_step_builds(name, target):
+  config = _config(name, target)
+  mesh = sharding.make_mesh(config, _devices(target))
+  model_cfg = _model(_config(FINETUNE_BASES[name], target), mesh, target)
+  step, state, batch = _finetune_step(config, model_cfg, mesh)
+  program = _build(name, "fine-tune step", target, step, state, batch)
+  _check_attention(name, "fine-tune step", target, model_cfg, program)
+
+
+def _notebook_configs():
+  from tests.test_notebook import notebook_tpu_configs  # pylint: disable=import-outside-toplevel
+  return {name: config.copy_and_resolve_references() for name, config in notebook_tpu_configs().items()}
+
+
+@pytest.mark.parametrize("name", ["gpt2_small_web", "sst2_gpt2", "conll2003_gpt2"])
+def test_notebook_tpu_runs_compile_and_fit_a_v5e_chip(name):
+  """The Colab notebook's TPU runs, at full size, as their cells launch them (their Hub data cannot be reached here):
+  pretraining GPT-2 small, and fine-tuning hf:gpt2 (GPT-2 small's shape; the run's dtype and remat) on SST-2 and
+  CoNLL-2003 at the tasks' longest rows. Each must compile for Colab's v5e-1 and fit its HBM."""
+  config = _notebook_configs()[name]
+  devices = _devices("v5e-1")
+  hbm = tpu.CHIPS["v5e"].hbm_bytes
+  if "task" not in config:
+    result = plan.analyze(config, devices)
+    assert result["attention"] == "auto -> pallas" and result["mosaic_kernels"] > 0, result
+    assert result["compiled"] and result["total_bytes"] <= hbm, result
+    return
+  base = config_lib.gpt2_config("small")
+  base.model.update(dtype=config.model.dtype, remat=config.model.remat)
+  mesh = sharding.make_mesh(config, devices)
+  model_cfg = GPTConfig.from_config(base.model, 50304).for_device(mesh, rules=config.mesh.rules)  # hf:gpt2's vocab
+  step, state, batch = _finetune_step(config, model_cfg, mesh)
+  try:
+    memory = step.lower(state, batch).compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except  # any failure: report which run it was
+    pytest.fail(f"the notebook's {name} run does not compile for v5e-1: {str(e)[:2000]}")
+  total = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+  assert total <= hbm, f"the notebook's {name} run needs {total / 2**30:.2f} GiB of v5e-1's {hbm / 2**30:.2f}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", BASES)
+def test_decode_steps_build(name, target):
+  """Prefill and the decode loop, with the unstacked layers `generate.stream` decodes with, as the loop samples."""
+  config = _config(name, target)
+  mesh = sharding.make_mesh(config, _devices(target))
+  model_cfg = dataclasses.replace(_model(config, mesh, target), scan_layers=False)
+  graphdef, abstract = train.abstract_model(model_cfg)
+  params = _placed(nnx.to_pure_dict(abstract), sharding.state_shardings(abstract, config.mesh.rules, mesh))
+  B = TARGETS[target][0] * TARGETS[target][1]
+  prompt_len = generate.bucket(1, model_cfg.block_size)  # a short prompt, as the loop's samples
+  cache_len = generate.bucket(prompt_len + config.log.sample_tokens, 2 * model_cfg.block_size)
+  placement = generate.cache_sharding(mesh, config.mesh.rules, B, model_cfg.n_head, cache_len, model_cfg.head_dim)
+  rows = sharding.batch_sharding(mesh, config.mesh.rules, 1)
+  row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype, sharding=rows)
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), B))
+  prompt = jax.ShapeDtypeStruct((B, prompt_len), np.int32, sharding=sharding.batch_sharding(mesh, config.mesh.rules))
+  args = (params, prompt, row(np.int32), jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows), row(bool), 0)
+  statics = dict(graphdef=graphdef, cache_len=cache_len, placement=placement)
+  prefill, decode = generate._prefill, generate._decode  # pylint: disable=protected-access  # what stream runs
+  _build(name, "prefill", target, prefill, *args, **statics)
+  state = jax.eval_shape(lambda *a: prefill(*a, **statics), *args)
+  _build(name, "decode loop", target, decode, params, state, np.int32(1), graphdef=graphdef,
+         sampling=generate.Sampling(temperature=0.8, top_k=200, top_p=0.95))
+
+
+
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 80])
+def test_splash_compiles_for_lengths_its_blocks_do_not_divide(head_dim):
+  """Splash's blocks must divide the sequence (raw splash at 200: 'q_block_size=128 should divide q_seq_len=200'):
+  the kernel pads to a multiple of 128 and picks the largest block that divides, decided before any compile, so
+  every length compiles, forward and backward, on a v5e chip."""
+  mesh = sharding.make_mesh(_config("quickstart", "v5e-1"), _devices("v5e-1"))
+  for T in (64, 200, 1000):
+    attention._compile_probe("pallas", jax.ShapeDtypeStruct((1, T, 4, head_dim), jax.numpy.bfloat16), mesh,  # pylint: disable=protected-access
+                             config_lib.DEFAULT_RULES, "tpu")
