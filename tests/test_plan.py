@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from gptjax import config as config_lib, plan, sharding, train
+from gptjax import config as config_lib, plan, sharding, tpu, train
 from gptjax.model import GPTConfig
 from tests.helpers import build, tiny_config
 
@@ -121,3 +121,40 @@ def test_cuda_check_names_the_kernel_it_could_not_lower_here():
   assert report["ok"] and report["attention"] == "auto -> xla", report
   assert report["note"].startswith("cudnn lowers only on a machine with cuDNN")
   assert report["lowered"] == "XLA ops (no fused-attention custom call)"
+
+
+
+needs_libtpu = pytest.mark.skipif(not tpu.available(), reason=f"libtpu is not installed ({tpu.EXTRA})")
+
+
+@needs_libtpu
+def test_cli_tpu_says_the_state_alone_exceeds_one_chip_and_how_many_chips_of_fsdp_hold_it():
+  result = _plan_cli("--config=configs/gpt2_xl.py", "--tpu=v5e-1", "--config.model.dtype=bfloat16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report["state_exceeds_chip"] and not report["fits"] and not report["compiled"]
+  # GPT-2 XL: 1.56B parameters, fp32 master weights + two Adam moments = 12 bytes each, on one chip.
+  assert 17.3 * 2**30 < report["params_bytes"] + report["optimizer_bytes"] < 17.5 * 2**30
+  assert report["fsdp_needed"]["fsdp"] == 4
+  assert "RESOURCE_EXHAUSTED" in report["compiler_error"]
+  assert "it needs FSDP over at least 4 chips" in result.stdout and "--tpu=v5e-4" in result.stdout
+
+
+@needs_libtpu
+def test_cli_tpu_compiles_the_step_for_a_slice_with_fsdp_and_reports_the_compilers_numbers():
+  result = _plan_cli("--config=configs/quickstart.py", "--tpu=v5p-8", "--config.model.dtype=bfloat16",
+                     "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert report["attention"] == "auto -> pallas" and report["mosaic_kernels"] > 0
+  assert report["fits"] and report["total_bytes"] == (report["argument_bytes"] + report["temp_bytes"] +
+                                                      report["output_bytes"])
+  # The arguments are this chip's quarter of the state (as placed by the rules) and its rows of the batch, laid out
+  # in the TPU's tiles: small arrays (biases, LayerNorm scales of 192) are padded to whole tiles.
+  state = report["params_bytes"] + report["optimizer_bytes"]
+  assert state <= report["argument_bytes"] <= 1.5 * state
+  assert report["collectives"]["all-gather"] > 0 and report["collectives"]["reduce-scatter"] + \
+      report["collectives"]["all-reduce"] > 0  # FSDP: weights gathered, gradients reduced
+  assert 0 < report["roofline_compute_s"] <= report["step_time_bound_s"] and 0 < report["mfu_ceiling"] <= 1
+  assert "(TPU compiler's memory_analysis)" in result.stdout and "roofline:" in result.stdout
