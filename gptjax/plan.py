@@ -1,8 +1,15 @@
-"""Memory planning from XLA's own numbers: compile the train step ahead of time and read its memory use.
+"""Memory planning from the compiler's own numbers: compile the train step ahead of time and read its memory use.
 
 `fit_micro_batch` picks the largest micro-batch whose compiled step fits the device, for
 `train.micro_batch_size = -1` (the GPT-2 configs' default): the same config then runs on a 24 GB CPU and an
-80 GB GPU without editing. As a command, it plans a launch on fake CPU devices before any accelerator is paid for:
+80 GB GPU without editing. As a command, it plans a launch before any accelerator is paid for. For a Cloud TPU
+slice, with the real TPU compiler (libtpu compile-only, on any machine; `plan_tpu`):
+
+  python -m gptjax.plan --config=configs/gpt2_small.py --tpu=v5e-1 --config.model.dtype=bfloat16
+
+per-chip memory against the chip's HBM, the micro-batch a run would search, collectives, a roofline bound on the
+step time, and, when it does not fit, the FSDP degree that holds the state or the remat that fits. On fake CPU
+devices with XLA:CPU (any device count, e.g. for GPUs):
 
   python -m gptjax.plan --config=configs/gpt2_xl.py --devices=64 --mesh=1,64,1 --hbm_gib=16
 
@@ -12,7 +19,7 @@ state per device is worked out for every FSDP degree (`suggest`).
 With --platform it checks instead that the train step lowers for a TPU or an NVIDIA GPU (`check_lowering`, via
 `jax.export`), with the attention kernel `model.attention` picks there, and reports the kernel as lowered:
 
-  python -m gptjax.plan --config=configs/gpt2_xl.py --devices=8 --mesh=1,8,1 --platform=tpu
+  python -m gptjax.plan --config=configs/gpt2_xl.py --devices=8 --mesh=1,8,1 --platform=cuda
 """
 
 import dataclasses
@@ -201,12 +208,12 @@ def check_lowering(config, devices, platform: str) -> dict:
   return dict(report, ok=True, lowered=attention_as_lowered(exported))
 
 
-def _max_micro_batch(plan: dict, hbm_bytes: int, state_bytes: float | None = None) -> int:
-  """The largest micro-batch that fits beside `state_bytes` (default: the plan's state), linear in sequences."""
+def _max_micro_batch(plan: dict, hbm_bytes: int, state: float | None = None) -> int:
+  """The largest micro-batch that fits beside `state` bytes (default: the plan's state), linear in sequences."""
   plan_state = plan["params_bytes"] + plan["optimizer_bytes"]
   per_sequence = max(1, (plan["total_bytes"] - plan_state) / plan["micro_batch"])
-  state_bytes = plan_state if state_bytes is None else state_bytes
-  return max(int((HEADROOM * hbm_bytes - state_bytes) // per_sequence), 0)
+  state = plan_state if state is None else state
+  return max(int((HEADROOM * hbm_bytes - state) // per_sequence), 0)
 
 
 def suggest(config, plan: dict, n_devices: int, hbm_bytes: int) -> list[dict]:
@@ -308,103 +315,6 @@ def state_rows(config, n_devices: int, tensor: int = 1) -> list[dict]:
     if n_devices % (fsdp * tensor) == 0:
       per_device, replicated = state_bytes(config, (n_devices // (fsdp * tensor), fsdp, tensor))
       rows.append(dict(fsdp=fsdp, state_bytes=per_device, replicated=replicated))
-  return rows
-
-
-def suggest(config, plan: dict, n_devices: int, hbm_bytes: int) -> list[dict]:
-  """For each FSDP degree: the state per device as the rules place it, and the largest micro-batch that fits.
-
-  The state is exact (shardings on a mesh of that shape); the micro-batch is a linear estimate from the plan's
-  bytes per sequence. `replicated` marks degrees that some sharded dimension is not divisible by (e.g. GPT-2 XL's
-  embed=1600 by 256): those dimensions stay whole on every device.
-  """
-  return [dict(fsdp=row["fsdp"], state_gib=row["state_bytes"] / 2**30, replicated=row["replicated"],
-               max_micro_batch=_max_micro_batch(plan, hbm_bytes, row["state_bytes"]))
-          for row in state_rows(config, n_devices, plan["mesh"]["tensor"])]
-
-
-def variants(config, devices, plan: dict, hbm_bytes: int) -> list[dict]:
-  """When `plan` exceeds the HBM: the step compiled again with bf16 activations and/or remat, measured.
-
-  Each row is one (model.dtype, model.remat) other than the config's, on the same mesh and micro-batch, with
-  XLA's temporaries and total per device, whether it fits, and the micro-batch that would (linear estimate).
-  """
-  if plan["total_bytes"] <= HEADROOM * hbm_bytes:
-    return []
-  m = config.model
-  dtypes = [m.dtype] + [d for d in ("bfloat16",) if d != m.dtype]
-  remats = [m.remat] + [r for r in ("dots", "full") if r != m.remat]
-  rows = []
-  for dtype in dtypes:
-    for remat in remats:
-      if (dtype, remat) == (m.dtype, m.remat):
-        continue
-      variant = config.copy_and_resolve_references()
-      variant.model.update(dtype=dtype, remat=remat)
-      measured = analyze(variant, devices)
-      if not measured["compiled"]:  # the TPU compiler refused it: larger than the chip
-        rows.append(dict(dtype=dtype, remat=remat, fits=False, max_micro_batch=0,
-                         compiler_error=measured["compiler_error"]))
-        continue
-      rows.append(dict(dtype=dtype, remat=remat, temp_bytes=measured["temp_bytes"],
-                       total_bytes=measured["total_bytes"], fits=measured["total_bytes"] <= HEADROOM * hbm_bytes,
-                       max_micro_batch=_max_micro_batch(measured, hbm_bytes)))
-  return rows
-
-
-def step_bytes_accessed(config, devices, plan: dict) -> float:
-  """HBM bytes one device moves in a train step, from the compiler's cost analysis.
-
-  The analysis counts a loop body once (the scan over layers, the accumulation loop), so it is read off loop-free
-  programs: the step without accumulation at the plan's micro-batch with its layers unrolled, compiled at 1 and 2
-  layers and extrapolated to n_layer (the layers are identical), times the micro-batches, with the optimizer
-  update (compiled on its own at full depth) counted once.
-  """
-  mesh = sharding.make_mesh(config, devices)
-  dp = config_lib.data_parallel_degree(config, mesh.size)
-
-  def compiled_bytes(n_layer: int) -> float:
-    small = config.copy_and_resolve_references()
-    small.model.update(n_layer=n_layer, scan_layers=False)
-    small.train.update(batch_size=plan["micro_batch"] * dp, micro_batch_size=0)
-    model_cfg = _model_config(small, mesh)
-    tx = train.make_optimizer(small)
-    graphdef, abstract, shardings = train.abstract_state(small, model_cfg, mesh, tx)
-    step = train.make_train_step(graphdef, tx, small, shardings, mesh)
-    return step.lower(abstract, abstract_batch(small, mesh)).compile().cost_analysis()["bytes accessed"]
-
-  one, two = compiled_bytes(1), compiled_bytes(2)
-  tx = train.make_optimizer(config)
-  _, abstract, shardings = train.abstract_state(config, _model_config(config, mesh), mesh, tx)
-
-  def update(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-  params, opt_state = abstract["params"], abstract["opt_state"]
-  update_bytes = jax.jit(update, in_shardings=(shardings["params"], shardings["opt_state"], shardings["params"]),
-                         out_shardings=(shardings["params"], shardings["opt_state"]), donate_argnums=(0, 1)).lower(
-                             params, opt_state, params).compile().cost_analysis()["bytes accessed"]
-  micro_step = one + (config.model.n_layer - 1) * (two - one) - update_bytes
-  return plan["accumulation"] * micro_step + update_bytes
-
-
-def state_rows(config, n_devices: int, tensor: int = 1) -> list[dict]:
-  """For each FSDP degree (powers of two, x `tensor`, up to `n_devices`): the parameters + optimizer state one
-  device holds as the rules place them, and whether some sharded dimension is not divisible (`replicated`)."""
-  from gptjax.model import GPTConfig
-  model_cfg = GPTConfig.from_config(config.model, config_lib.check_vocab(config, config.data.vocab_size))
-  tx = train.make_optimizer(config)
-  rows, fsdp = [], 1
-  while fsdp * tensor <= n_devices:
-    if n_devices % (fsdp * tensor) == 0:
-      mesh = jax.sharding.AbstractMesh((n_devices // (fsdp * tensor), fsdp, tensor), config_lib.MESH_AXES,
-                                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-      _, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
-      state = {k: abstract[k] for k in ("params", "opt_state")}
-      per_device = _per_device_bytes(state, {k: shardings[k] for k in state})
-      whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-      rows.append(dict(fsdp=fsdp, state_bytes=per_device, replicated=per_device > 1.25 * whole / (fsdp * tensor)))
-    fsdp *= 2
   return rows
 
 

@@ -66,7 +66,7 @@ def parse(accelerator: str) -> Slice:
   smallest = 4 if chip.mesh_dims == 3 else 1
   if chips < smallest or chips & (chips - 1) or (chip.counts_cores and count % 2):
     raise UserError(f"--tpu={accelerator}: {generation} slices count {unit} in powers of two from "
-                    f"{smallest * (2 if chip.counts_cores else 1)}, e.g. {generation}-{8 if chip.counts_cores else 8}.")
+                    f"{smallest * (2 if chip.counts_cores else 1)}, e.g. {generation}-8.")
   shape = _torus_shape(chips, chip.mesh_dims)
   per_host = (1, 1, 1) if chips == 1 else (2, 2, 1)
   return Slice(accelerator, chip, chips, f"{chip.topology_prefix}:{'x'.join(map(str, shape))}", per_host)
