@@ -21,6 +21,7 @@ from gptjax import config as config_lib, plan, tpu
 
 SIZES = flags.DEFINE_list("sizes", ["small", "medium", "large", "xl"], "GPT-2 sizes.")
 TPUS = flags.DEFINE_list("tpus", ["v5e-1", "v5e-8", "v5p-8", "v5p-64", "v6e-8"], "Accelerator types.")
+CACHE = flags.DEFINE_string("cache", "/tmp/gptjax-tpu-plans-cache", "JAX's persistent compilation cache ('' = none).")
 
 
 def plan_cell(size: str, accelerator: str) -> dict:
@@ -44,9 +45,10 @@ def row(size: str, result: dict, seconds: float) -> str:
     return f"| {size} | {result['tpu']} | {verdict} | | | | | {seconds:.0f} s |"
   if not result["fits"]:
     return f"| {size} | {result['tpu']} | no, even with remat=full at micro-batch 1 | | | | | {seconds:.0f} s |"
+  bound = "compute-bound" if result["mfu_ceiling"] >= 1 else f"memory-bound: MFU <= {result['mfu_ceiling']:.0%}"
   return (f"| {size} | {result['tpu']} | yes | {result['micro_batch']} x {result['accumulation']} | {result['remat']} | "
           f"{gib(result['total_bytes'])} of {gib(result['chip']['hbm_bytes'])} | {result['step_time_bound_s']:.2f} s "
-          f"(MFU <= {result['mfu_ceiling']:.0%}) | {seconds:.0f} s |")
+          f"({bound}) | {seconds:.0f} s |")
 
 
 def main(argv):
@@ -54,6 +56,9 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", "cpu")
+  if CACHE.value:  # the micro-batch search compiles the step the plan then reads: compile it once
+    jax.config.update("jax_compilation_cache_dir", CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   print(f"TPU compiler: libtpu {tpu.libtpu_version()} (compile-only) on {platform.processor() or platform.machine()}")
   print("| GPT-2 | TPU | fits | micro-batch x accumulation | remat | HBM per chip (GiB) | step >= | plan took |")
   print("|---|---|---|---|---|---|---|---|")
