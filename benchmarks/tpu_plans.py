@@ -46,8 +46,8 @@ def row(size: str, result: dict, seconds: float) -> str:
   if not result["fits"]:
     return f"| {size} | {result['tpu']} | no, even with remat=full at micro-batch 1 | | | | | {seconds:.0f} s |"
   bound = "compute-bound" if result["mfu_ceiling"] >= 1 else f"memory-bound: MFU <= {result['mfu_ceiling']:.0%}"
-  return (f"| {size} | {result['tpu']} | yes | {result['micro_batch']} x {result['accumulation']} | {result['remat']} | "
-          f"{gib(result['total_bytes'])} of {gib(result['chip']['hbm_bytes'])} | {result['step_time_bound_s']:.2f} s "
+  return (f"| {size} | {result['tpu']} | yes | {result['micro_batch']} x {result['accumulation']} | "
+          f"{result['remat']} | {gib(result['total_bytes'])} of {gib(result['chip']['hbm_bytes'])} | {result['step_time_bound_s']:.2f} s "
           f"({bound}) | {seconds:.0f} s |")
 
 

@@ -331,9 +331,9 @@ def plan_tpu(config, slice_) -> dict:
   mesh = sharding.make_mesh(config, devices)
   if state_bytes(config, mesh.devices.shape)[0] > HEADROOM * hbm:  # no micro-batch or remat helps: split the state
     # Half the chip for the state leaves the other half for a micro-batch's activations.
-    rows = (dict(fsdp=2**k, state_bytes=state_bytes(config, (1, 2**k, 1))[0]) for k in range(13)
-            if not state_bytes(config, (1, 2**k, 1))[1])
-    needed = next((r for r in rows if r["state_bytes"] <= HEADROOM * hbm / 2), None)
+    rows = ((2**k, *state_bytes(config, (1, 2**k, 1))) for k in range(13))
+    needed = next((dict(fsdp=fsdp, state_bytes=per_chip) for fsdp, per_chip, replicated in rows
+                   if not replicated and per_chip <= HEADROOM * hbm / 2), None)
     config.train.micro_batch_size = max(config.train.micro_batch_size, 1)
     return dict(report, **analyze(config, devices), searched_micro_batch=False, fits=False, state_exceeds_chip=True,
                 fsdp_needed=needed)
@@ -402,8 +402,9 @@ def print_tpu_plan(plan: dict, libtpu_version: str) -> None:
           f"{plan['step_time_bound_s']:.3f} s, MFU <= {plan['mfu_ceiling']:.0%}")
   for row in plan.get("variants", []):
     if "total_bytes" in row:
-      print(f"  with model.dtype={row['dtype']} model.remat={row['remat']}: total {gib(row['total_bytes'])} per chip (TPU compiler): "
-            f"{'fits' if row['fits'] else 'does not fit'}; micro-batch up to ~{row['max_micro_batch']}")
+      print(f"  with model.dtype={row['dtype']} model.remat={row['remat']}: total {gib(row['total_bytes'])} per chip "
+            f"(TPU compiler): {'fits' if row['fits'] else 'does not fit'}; micro-batch up to "
+            f"~{row['max_micro_batch']}")
     else:
       print(f"  with model.dtype={row['dtype']} model.remat={row['remat']}: still refused: {row['compiler_error']}")
   print(json.dumps(plan))

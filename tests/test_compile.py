@@ -209,6 +209,7 @@ def test_splash_compiles_for_lengths_its_blocks_do_not_divide(head_dim):
   the kernel pads to a multiple of 128 and picks the largest block that divides, decided before any compile, so
   every length compiles, forward and backward, on a v5e chip."""
   mesh = sharding.make_mesh(_config("quickstart", "v5e-1"), _devices("v5e-1"))
+  probe = attention._compile_probe  # pylint: disable=protected-access  # what attention.choose compiles
   for T in (64, 200, 1000):
-    attention._compile_probe("pallas", jax.ShapeDtypeStruct((1, T, 4, head_dim), jax.numpy.bfloat16), mesh,  # pylint: disable=protected-access
-                             config_lib.DEFAULT_RULES, "tpu")
+    probe("pallas", jax.ShapeDtypeStruct((1, T, 4, head_dim), jax.numpy.bfloat16), mesh, config_lib.DEFAULT_RULES,
+          "tpu")
