@@ -21,7 +21,6 @@ from gptjax import config as config_lib, plan, tpu
 
 SIZES = flags.DEFINE_list("sizes", ["small", "medium", "large", "xl"], "GPT-2 sizes.")
 TPUS = flags.DEFINE_list("tpus", ["v5e-1", "v5e-8", "v5p-8", "v5p-64", "v6e-8"], "Accelerator types.")
-CACHE = flags.DEFINE_string("cache", "/tmp/gptjax-tpu-plans-cache", "JAX's persistent compilation cache ('' = none).")
 
 
 def plan_cell(size: str, accelerator: str) -> dict:
@@ -56,9 +55,6 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", "cpu")
-  if CACHE.value:  # the micro-batch search compiles the step the plan then reads: compile it once
-    jax.config.update("jax_compilation_cache_dir", CACHE.value)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   print(f"TPU compiler: libtpu {tpu.libtpu_version()} (compile-only) on {platform.processor() or platform.machine()}")
   print("| GPT-2 | TPU | fits | micro-batch x accumulation | remat | HBM per chip (GiB) | step >= | plan took |")
   print("|---|---|---|---|---|---|---|---|")
