@@ -53,3 +53,22 @@ def tiny_gpt(scan_layers=True):
                   scan_layers=scan_layers)
   graphdef, state = nnx.split(GPT(cfg, nnx.Rngs(0)))
   return graphdef, nnx.to_pure_dict(state)
+
+
+def tiny_classification_config(tmp_path):
+  """A classification config that fine-tunes a tiny character-level base (exported to tmp_path/base) on 24 rows of
+  'ab'-strings labelled short or long, on a (2, 2, 2) mesh: the fine-tuning loop end to end in seconds."""
+  from gptjax import checkpoint  # pylint: disable=import-outside-toplevel
+  from gptjax.data.tokenizer import CharTokenizer  # pylint: disable=import-outside-toplevel
+  from gptjax.finetune import tasks  # pylint: disable=import-outside-toplevel
+  tokenizer = CharTokenizer.train(["abcdefgh "])
+  base_config = tiny_config()
+  params = nnx.to_pure_dict(nnx.state(GPT(GPTConfig.from_config(base_config.model, 16), nnx.Rngs(0))))
+  base = checkpoint.write_export(str(tmp_path / "base"), params, base_config, tokenizer, step=0)
+  rows = [f"{'ab' * n}\t{'long' if n > 3 else 'short'}\n" for n in range(1, 7)]
+  (tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(rows * 4))
+  config = tasks.add_task_config(tiny_config(batch_size=8, mesh=(2, 2, 2)), "classify")
+  config.task.update(train_path=str(tmp_path / "train.tsv"), eval_path=str(tmp_path / "train.tsv"), epochs=1,
+                     eval_batch_size=8, export_merged=False)
+  config.checkpoint.init_from = base
+  return config

@@ -10,13 +10,10 @@ import logging
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
-from gptjax import attention, checkpoint, loop, plan, sharding, train
-from gptjax.data.tokenizer import CharTokenizer
-from gptjax.finetune import tasks
-from gptjax.model import GPT, GPTConfig
-from tests.helpers import tiny_config
+from gptjax import attention, loop, plan, sharding, train
+from gptjax.model import GPTConfig
+from tests.helpers import tiny_classification_config, tiny_config
 
 
 def _fallback_warnings(caplog) -> list[str]:
@@ -88,16 +85,7 @@ def test_training_run_continues_with_xla_after_a_fused_kernel_fails(tmp_path, co
 
 @pytest.mark.slow
 def test_fine_tuning_run_continues_with_xla_after_a_fused_kernel_fails(tmp_path, monkeypatch, caplog):
-  tokenizer = CharTokenizer.train(["abcdefgh "])
-  base_config = tiny_config()
-  params = nnx.to_pure_dict(nnx.state(GPT(GPTConfig.from_config(base_config.model, 16), nnx.Rngs(0))))
-  base = checkpoint.write_export(str(tmp_path / "base"), params, base_config, tokenizer, step=0)
-  rows = [f"{'ab' * n}\t{'long' if n > 3 else 'short'}\n" for n in range(1, 7)]
-  (tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(rows * 4))
-  config = tasks.add_task_config(tiny_config(batch_size=8, mesh=(2, 2, 2)), "classify")
-  config.task.update(train_path=str(tmp_path / "train.tsv"), eval_path=str(tmp_path / "train.tsv"), epochs=1,
-                     eval_batch_size=8, export_merged=False)
-  config.checkpoint.init_from = base
+  config = tiny_classification_config(tmp_path)
   config.log.update(every_steps=1, tensorboard=False)
   reference = loop.run(config, str(tmp_path / "xla")).summary
   monkeypatch.setattr(attention, "device_platform", lambda: "tpu")

@@ -12,8 +12,8 @@ from flax import nnx
 from gptjax.data.tokenizer import CharTokenizer
 from gptjax import config as config_lib, train
 from gptjax.finetune import classify, lora, tasks, trainer
-from gptjax.model import GPT, GPTConfig
-from tests.helpers import tiny_config, tiny_gpt
+from gptjax.model import GPT
+from tests.helpers import tiny_classification_config, tiny_config, tiny_gpt
 
 D, C, VOCAB, T = 32, 2, 32, 12  # tiny_gpt's width and vocab; classes, sequence length
 
@@ -169,19 +169,10 @@ def test_reads_sst2(shared_data):
 def test_fine_tuning_computes_in_the_configs_dtype_not_the_bases(tmp_path):
   """model.dtype is this run's choice (bfloat16 on a TPU): a float32 base fine-tuned with model.dtype=bfloat16 runs
   in bfloat16 (its losses differ from float32's by bf16 rounding, not by more)."""
-  from gptjax import checkpoint, loop  # pylint: disable=import-outside-toplevel
-  tokenizer = CharTokenizer.train(["abcdefgh "])
-  base_config = tiny_config()
-  params = nnx.to_pure_dict(nnx.state(GPT(GPTConfig.from_config(base_config.model, 16), nnx.Rngs(0))))
-  base = checkpoint.write_export(str(tmp_path / "base"), params, base_config, tokenizer, step=0)
-  rows = [f"{'ab' * n}\t{'long' if n > 3 else 'short'}\n" for n in range(1, 7)]
-  (tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(rows * 4))
+  from gptjax import loop  # pylint: disable=import-outside-toplevel
   losses = {}
   for dtype in ("float32", "bfloat16"):
-    config = tasks.add_task_config(tiny_config(batch_size=8, mesh=(2, 2, 2)), "classify")
-    config.task.update(train_path=str(tmp_path / "train.tsv"), eval_path=str(tmp_path / "train.tsv"), epochs=1,
-                       eval_batch_size=8, export_merged=False)
-    config.checkpoint.init_from = base
+    config = tiny_classification_config(tmp_path)
     config.model.dtype = dtype
     config.log.update(every_steps=1, tensorboard=False)
     loop.run(config, str(tmp_path / dtype))
