@@ -34,8 +34,8 @@ CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "gpt2")
 FINETUNE_BASES = {"sst2": "task_pretrain", "conll2003_ner": "task_pretrain", "sft": "gpt2_small"}
 PRETRAINING = [name for name in CONFIGS if name not in FINETUNE_BASES]
 BASES = sorted(set(PRETRAINING) | set(FINETUNE_BASES.values()))
-# target -> (data, fsdp, tensor): TPU slices by accelerator type, CUDA on 8 fake CPU devices.
-# target -> (data, fsdp, tensor): v5p-16 compiles FSDP over its 8 chips; CUDA lowers data x fsdp x tensor.
+# target -> (data, fsdp, tensor): TPU slices by accelerator type (v5p-16: FSDP over its 8 chips), CUDA on 8 fake CPU
+# devices (data x fsdp x tensor).
 TARGETS = {"v5e-1": (1, 1, 1), "v5p-16": (1, 8, 1), "cuda-3d": (2, 2, 2)}
 LABELS = {"classify": 2, "ner": 9, "sft": 0}  # SST-2's labels, CoNLL-2003's BIO tags; SFT has no head
 ROW_KEYS = {"lengths"}  # batch arrays with one value per row; the rest are [B, T] (classify's labels: per row)
