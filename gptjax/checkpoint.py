@@ -7,12 +7,15 @@ that carries the *current* mesh's shardings: a checkpoint written on one mesh lo
 
 import base64
 import dataclasses
+import hashlib
 import os
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
@@ -30,36 +33,80 @@ class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be read; the message names it and what to do."""
 
 
-def manager(workdir: str, config) -> ocp.CheckpointManager:
-  """The run's CheckpointManager: keeps the last `checkpoint.keep` (and the `keep_best` lowest val losses)."""
+def manager(workdir: str, config, metric: str = "val_loss", higher_is_better: bool = False) -> ocp.CheckpointManager:
+  """The run's CheckpointManager: keeps the last `checkpoint.keep`, and the `keep_best` best by `metric` of those
+  saved with it (`save`'s evaluation)."""
   ck = config.checkpoint
   policies = [checkpoint_managers.LatestN(n=ck.keep)]
+  ranked = {}
   if ck.keep_best:
-    policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=ck.keep_best,
-                                              keep_checkpoints_without_metrics=False))
+    # BestN keeps the last n in sorted order: descending when lower is better.
+    policies.append(checkpoint_managers.BestN(get_metric_fn=lambda m: m[metric], reverse=not higher_is_better,
+                                              n=ck.keep_best, keep_checkpoints_without_metrics=False))
+    # Orbax writes a checkpoint's metrics to disk (so a resumed run still ranks the old ones) only with a best_fn;
+    # the saves between evaluations have none, which it would warn about at each.
+    ranked = dict(best_fn=lambda m: m[metric], best_mode="max" if higher_is_better else "min")
+    logging.get_absl_logger().addFilter(lambda record: "did not provide metrics" not in record.getMessage())
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=ck.async_save, create=True,
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **ranked)
   return ocp.CheckpointManager(paths.absolute(os.path.join(workdir, "checkpoints")), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, config, tokenizer,
-         val_loss: float | None = None) -> None:
-  """Starts an (async) save of everything a run needs to continue exactly; returns once arrays are copied."""
+         evaluation: dict | None = None) -> None:
+  """Starts an (async) save of everything a run needs to continue exactly; returns once arrays are copied.
+  `evaluation` ({metric: value} at this step) is what checkpoint.keep_best ranks it by."""
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()),
                tokenizer=ocp.args.JsonSave(tokenizer_files(tokenizer)))
   if data_iterator is not None:
     items["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
   mngr.save(step, args=ocp.args.Composite(**items), force=True,
-            metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+            metrics={k: float(v) for k, v in evaluation.items()} if evaluation else None)
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A checkpoint proven broken (missing, truncated or inconsistent files): set aside, the one before it resumes."""
+
+
+# What storage says when it failed to answer or refused, rather than answered with broken data: gRPC/absl status
+# names (TensorStore), HTTP status codes (gcsfs, TensorStore's gcs/s3 drivers).
+_STORAGE_FAILURES = re.compile(r"PERMISSION_DENIED|UNAUTHENTICATED|UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|"
+                               r"\b(?:HTTP|response|status|code)\D{0,20}\b(?:401|403|408|429|5\d\d)\b|Forbidden")
+
+
+def storage_failure(error: BaseException) -> bool:
+  """Whether `error` (or what caused it) is storage failing to answer or refusing, not a broken checkpoint."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (PermissionError, ConnectionError, TimeoutError)):
+      return True
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno is not None:
+      return True  # EIO, EACCES, ENOSPC...: the storage, not the bytes in it
+    if _STORAGE_FAILURES.search(str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _read_error(where: str, error: Exception) -> CheckpointError:
+  """The error to raise for a checkpoint that failed to read: a storage failure stops the run and touches nothing
+  (a network hiccup must not roll a run back); anything else means the files themselves are broken."""
+  what = f"{type(error).__name__}: {str(error)[:300]}"
+  if storage_failure(error):
+    return paths.StorageError(f"checkpoint {where} could not be read from its storage ({what}); nothing was changed. "
+                              "Check access to it (credentials, permissions, network) and rerun to resume.")
+  return UnreadableCheckpoint(f"checkpoint {where} cannot be read ({what})")
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, data_iterator=None, tokenizer=None):
   """(state, step) of the newest checkpoint that reads back, or (None, None) when there is none.
 
-  A checkpoint that fails to read (truncated or corrupt) is skipped with a warning and the previous one is
-  tried, so a run never stops on one bad file while good ones exist. With `tokenizer`, a checkpoint trained
-  with another tokenizer is refused: its token ids would mean different text.
+  A checkpoint whose files are broken (truncated, missing, inconsistent) is set aside with a warning and the
+  previous one is tried, so a run never stops on one bad file while good ones exist. Storage that fails to answer
+  or refuses stops with a StorageError and changes nothing; a checkpoint of other shapes than the config's, or
+  (with `tokenizer`) trained with another tokenizer, stops with a ConfigError.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   unreadable = []
@@ -68,7 +115,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, shardings, data_
       if tokenizer is not None:
         check_tokenizer(mngr, step, tokenizer)
       state = restore(mngr, step, abstract_state, shardings, data_iterator)
-    except CheckpointError as e:
+    except UnreadableCheckpoint as e:
       logging.warning("%s; falling back to the previous checkpoint.", e)
       print(f"WARNING: {e}; falling back to the previous checkpoint.", flush=True)
       unreadable.append(step)
@@ -98,7 +145,7 @@ def check_tokenizer(mngr: ocp.CheckpointManager, step: int, tokenizer) -> None:
     saved = tokenizer_from_files(mngr.restore(step, args=ocp.args.Composite(
         tokenizer=ocp.args.JsonRestore()))["tokenizer"])
   except Exception as e:
-    raise CheckpointError(f"checkpoint {mngr.directory}/{step} has no readable tokenizer ({e})") from e
+    raise _read_error(f"{mngr.directory}/{step}", e) from e
   if saved.fingerprint != tokenizer.fingerprint:
     raise config_lib.ConfigError(
         f"checkpoint {mngr.directory}/{step} was trained with tokenizer {saved.fingerprint} ({saved.kind}, "
@@ -108,7 +155,12 @@ def check_tokenizer(mngr: ocp.CheckpointManager, step: int, tokenizer) -> None:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, data_iterator=None):
-  """The train state saved at `step`, placed by `shardings` (any mesh); also rewinds `data_iterator`."""
+  """The train state saved at `step`, placed by `shardings` (any mesh); also rewinds `data_iterator`.
+
+  Raises UnreadableCheckpoint (broken files), paths.StorageError (storage failed) or ConfigError (the checkpoint
+  holds parameters of other shapes than `abstract_state`).
+  """
+  where = os.path.join(str(mngr.directory), str(step))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
   items = dict(state=ocp.args.StandardRestore(target))
   if data_iterator is not None:
@@ -116,8 +168,29 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, d
   try:
     return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
   except Exception as e:  # Orbax/TensorStore raise many types for truncated or corrupt files
-    raise CheckpointError(f"checkpoint {os.path.join(str(mngr.directory), str(step))} cannot be read "
-                          f"({type(e).__name__}: {str(e)[:300]})") from e
+    error = _read_error(where, e)
+    if isinstance(error, UnreadableCheckpoint):
+      _check_shapes(where, os.path.join(where, "state"), abstract_state["params"])  # or it is another model
+    raise error from e
+
+
+def _check_shapes(where: str, state_dir: str, params) -> None:
+  """ConfigError naming the first parameter whose shape in the saved state differs from the config's (or that is
+  missing there); nothing when the saved shapes cannot be read."""
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(paths.path(paths.absolute(state_dir)))
+  except Exception:  # pylint: disable=broad-except  # broken metadata: the checkpoint is unreadable, not other
+    return
+  saved = getattr(saved, "tree", saved)["params"]
+  shapes = {jax.tree_util.keystr(p): tuple(getattr(m, "shape", ())) for p, m in
+            jax.tree_util.tree_leaves_with_path(saved, is_leaf=lambda x: hasattr(x, "shape"))}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if shapes.get(name) != tuple(leaf.shape):
+      raise config_lib.ConfigError(
+          f"checkpoint {where} holds a model of another shape than this config's: parameter {name} is "
+          f"{shapes.get(name, 'missing')} there and {tuple(leaf.shape)} here. Use the model settings it was "
+          "trained with to resume it, or a new --workdir for this model.")
 
 
 @dataclasses.dataclass
@@ -162,6 +235,24 @@ def load_saved(path: str, mesh=None, step: int | None = None) -> LoadedModel:
     except Exception as e:
       logging.warning("checkpoint %s/%d cannot be read (%s); trying an older one.", checkpoints, s, e)
   raise CheckpointError(f"no checkpoint in {checkpoints} can be read (tried steps {steps}).")
+
+
+def fingerprint(params) -> str:
+  """A short hash that tells parameter trees apart: every leaf's path, shape and dtype, and 8 of its values (exact
+  bits, so the same on any mesh and any number of processes)."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  mesh = getattr(leaves[0][1].sharding, "mesh", None)
+
+  def sample(x):
+    flat = x.reshape(-1)
+    return flat[jnp.linspace(0, flat.size - 1, 8).astype(jnp.int32)]
+  samples = jax.jit(lambda xs: [sample(x) for x in xs],
+                    out_shardings=None if mesh is None else sharding.replicated(mesh))([x for _, x in leaves])
+  digest = hashlib.sha256()
+  for (path, x), values in zip(leaves, samples):
+    digest.update(f"{jax.tree_util.keystr(path)}{x.shape}{x.dtype}".encode())
+    digest.update(np.asarray(values.addressable_data(0)).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def write_export(out_dir: str, params, config, tokenizer, step: int, dtype: str = "float32", source: str = "") -> str:

@@ -26,15 +26,15 @@ class Job:
   batches: Iterator  # this process's training batches: trees of arrays [local batch, ...]; get_state/set_state
   evaluate: Callable[[dict, bool], dict]  # (trained params, final) -> metrics; 'val_loss' ranks checkpoints
   finish: Callable[[dict, int], tuple[dict, list[str]]]  # (state, step) after the last save -> (summary, samples)
-  tokens: Callable[[Any], int]  # tokens in a global batch (for tokens/s)
+  # (this process's batch) -> the tokens of the whole step, all processes together (tokens/s, MFU, tokens seen)
+  tokens: Callable[[Any], int]
   steps: int
   flops_per_token: float
   description: list[str]  # log lines
+  use_dropout: bool  # whether the train step draws dropout keys (the run's dropout rate > 0)
   objective: Callable | None = None  # (params, frozen, batch, key) -> loss; None = next-token cross-entropy
   frozen: dict | None = None  # parameters used but not trained (a base under adapters), placed
   frozen_shardings: dict | None = None
-  use_dropout: bool = False
-  after_step: Callable[[dict, int], dict] | None = None  # (state, step) -> state, e.g. AdaLoRA's rank allocation
 
 
 def log(msg: str, *args) -> None:

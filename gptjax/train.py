@@ -2,7 +2,7 @@
 
 The hot path is a pure function of (state, batch) under `jax.jit` with explicit shardings and a donated
 state; the NNX module is only rebuilt inside the trace (`nnx.merge`), which is ~20x cheaper to dispatch than
-`nnx.jit` (DESIGN.md, decision 1).
+`nnx.jit` (measured when the design was chosen).
 """
 
 import functools
@@ -66,10 +66,14 @@ def abstract_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientT
   graphdef, abstract = abstract_model(model_cfg)
   param_shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
   abstract_params = nnx.to_pure_dict(abstract)
-  opt_shardings = optimizer_shardings(tx, abstract_params, param_shardings, mesh)
-  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh), "params": param_shardings,
-               "opt_state": opt_shardings}
-  return graphdef, jax.eval_shape(lambda p: new_state(p, tx), abstract_params), shardings
+  return graphdef, jax.eval_shape(lambda p: new_state(p, tx), abstract_params), state_shardings(
+      tx, abstract_params, param_shardings, mesh)
+
+
+def state_shardings(tx, abstract_params, param_shardings, mesh: Mesh) -> dict:
+  """The train state's shardings: the parameters', their optimizer moments alike, counters replicated."""
+  return {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh), "params": param_shardings,
+          "opt_state": optimizer_shardings(tx, abstract_params, param_shardings, mesh)}
 
 
 def init_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTransformation, params=None):

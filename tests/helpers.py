@@ -19,6 +19,27 @@ def tiny_config(n_layer=2, n_head=8, n_embd=64, block_size=16, batch_size=8, mes
   return c
 
 
+def quick_run_config(corpus, steps=8, **train):
+  """A pretraining run of a 1-layer GPT on `corpus` that takes seconds: checkpoints every 4 steps, no samples."""
+  c = config_lib.default_config()
+  c.model.update(n_layer=1, n_head=2, n_embd=32, block_size=16)
+  c.data.update(path=str(corpus), vocab_size=300)
+  c.train.update({"steps": steps, "batch_size": 8, "eval_every": 0, "warmup_steps": 2, **train})
+  c.checkpoint.every_steps = 4
+  c.log.update(samples=0, tensorboard=False)
+  return c
+
+
+def task_config(kind: str, batch_size=8, mesh=(1, 1, 1), **train_overrides):
+  """A fine-tuning config of `kind` with tiny_config's training settings (evaluated every epoch); the model is the
+  base's (checkpoint.init_from)."""
+  from gptjax.finetune import tasks  # pylint: disable=import-outside-toplevel
+  c = tasks.add_task_config(config_lib.default_config(), kind)
+  c.train.update({"batch_size": batch_size, "warmup_steps": 2, "steps": 20, "learning_rate": 1e-3, **train_overrides})
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  return c
+
+
 def build(config, vocab=128, n_devices=None):
   """(graphdef, state, shardings, mesh, tx) for `config` on its mesh over the first devices."""
   explicit = [config.mesh[a] for a in config_lib.MESH_AXES]
@@ -60,14 +81,13 @@ def tiny_classification_config(tmp_path):
   'ab'-strings labelled short or long, on a (2, 2, 2) mesh: the fine-tuning loop end to end in seconds."""
   from gptjax import checkpoint  # pylint: disable=import-outside-toplevel
   from gptjax.data.tokenizer import CharTokenizer  # pylint: disable=import-outside-toplevel
-  from gptjax.finetune import tasks  # pylint: disable=import-outside-toplevel
   tokenizer = CharTokenizer.train(["abcdefgh "])
   base_config = tiny_config()
   params = nnx.to_pure_dict(nnx.state(GPT(GPTConfig.from_config(base_config.model, 16), nnx.Rngs(0))))
   base = checkpoint.write_export(str(tmp_path / "base"), params, base_config, tokenizer, step=0)
   rows = [f"{'ab' * n}\t{'long' if n > 3 else 'short'}\n" for n in range(1, 7)]
   (tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(rows * 4))
-  config = tasks.add_task_config(tiny_config(batch_size=8, mesh=(2, 2, 2)), "classify")
+  config = task_config("classify", batch_size=8, mesh=(2, 2, 2))
   config.task.update(train_path=str(tmp_path / "train.tsv"), eval_path=str(tmp_path / "train.tsv"), epochs=1,
                      eval_batch_size=8, export_merged=False)
   config.checkpoint.init_from = base

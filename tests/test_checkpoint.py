@@ -14,7 +14,7 @@ import pytest
 
 from gptjax import checkpoint, config as config_lib, loader, loop, sharding, train
 from gptjax.model import GPTConfig
-from tests.helpers import build, random_tokens, tiny_config
+from tests.helpers import build, quick_run_config, random_tokens, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN_FLAGS = ["--config.model.n_layer=1", "--config.model.n_head=2", "--config.model.n_embd=32",
@@ -75,18 +75,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_0(tmp_path, corpus):
   assert (tmp_path / "run" / "checkpoints" / str(last) / "commit_success.txt").exists()
 
 
-def _quick_config(corpus, steps=8, **train):
-  c = config_lib.default_config()
-  c.model.update(n_layer=1, n_head=2, n_embd=32, block_size=16)
-  c.data.update(path=str(corpus), vocab_size=300)
-  c.train.update({"steps": steps, "batch_size": 8, "eval_every": 0, "warmup_steps": 2, **train})
-  c.checkpoint.every_steps = 4
-  c.log.update(samples=0, tensorboard=False)
-  return c
-
-
 def test_truncated_latest_checkpoint_is_skipped_and_named(tmp_path, corpus, capsys):
-  config = _quick_config(corpus)
+  config = quick_run_config(corpus)
   loop.run(config, str(tmp_path))
   step_dir = tmp_path / "checkpoints" / "8" / "state"
   for f in step_dir.rglob("*"):
@@ -102,13 +92,23 @@ def test_truncated_latest_checkpoint_is_skipped_and_named(tmp_path, corpus, caps
   assert step == 4 and int(state["step"]) == 4
   assert "falling back to the previous checkpoint" in capsys.readouterr().out
   # The run itself resumes from step 4 and finishes.
-  info = loop.run(_quick_config(corpus, steps=10), str(tmp_path))
+  info = loop.run(quick_run_config(corpus, steps=10), str(tmp_path))
   assert info.step == 10
 
 
+def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, corpus):
+  loop.run(quick_run_config(corpus, steps=4), str(tmp_path))
+  other = quick_run_config(corpus, steps=6)
+  other.model.n_embd = 64
+  with pytest.raises(config_lib.ConfigError, match=r"checkpoints/4 holds a model of another shape than this "
+                                                   r"config's: parameter .* is \(1, 32\) there and \(1, 64\) here"):
+    loop.run(other, str(tmp_path))
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]  # not set aside as "corrupt"
+
+
 def test_resume_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_path, corpus):
-  loop.run(_quick_config(corpus, steps=4), str(tmp_path))
-  other = _quick_config(corpus, steps=6)
+  loop.run(quick_run_config(corpus, steps=4), str(tmp_path))
+  other = quick_run_config(corpus, steps=6)
   other.data.vocab_size = 290
   other.model.vocab_size = 320
   with pytest.raises(ValueError, match="was trained with tokenizer"):
@@ -146,7 +146,7 @@ def test_restore_on_another_mesh(tmp_path, target_mesh, n_devices):
 
 def test_export_and_init_from(tmp_path, corpus):
   run = tmp_path / "run"
-  loop.run(_quick_config(corpus, steps=4), str(run))
+  loop.run(quick_run_config(corpus, steps=4), str(run))
   loaded = loader.load_model(str(run))
   exported = loader.load_model(loader.export(str(run), str(tmp_path / "export"), dtype="bfloat16"))
   assert loaded.step == exported.step == 4
@@ -156,7 +156,7 @@ def test_export_and_init_from(tmp_path, corpus):
   # init_from starts a fresh run (step 0, new optimizer) from the weights, on new text read with their tokenizer.
   other = tmp_path / "other.txt"
   other.write_text("a different corpus, with words the first one never had: zebra, quartz, jovial.\n" * 400)
-  config = _quick_config(other, steps=1, learning_rate=1e-12, warmup_steps=0)
+  config = quick_run_config(other, steps=1, learning_rate=1e-12, warmup_steps=0)
   config.checkpoint.init_from = str(run)
   fine = tmp_path / "fine"
   loop.run(config, str(fine))
@@ -185,7 +185,7 @@ def test_nonfinite_skip_leaves_the_state_unchanged(conditional, monkeypatch):
 
 
 def test_nonfinite_stop_saves_the_last_good_state(tmp_path, corpus):
-  config = _quick_config(corpus, steps=50, learning_rate=1e12, warmup_steps=0, grad_clip=0.0)
+  config = quick_run_config(corpus, steps=50, learning_rate=1e12, warmup_steps=0, grad_clip=0.0)
   with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
     loop.run(config, str(tmp_path))
   loaded = loader.load_model(str(tmp_path))

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAIN = ["gptjax.main", "--config=configs/quickstart.py"]
+SST2 = ["gptjax.main", "--config=configs/sst2.py:{tmp}/sst2"]  # a task config on 8 rows
 NOT_A_RUN = "is neither a run directory (no checkpoints/ inside) nor an exported model"
 
 
@@ -29,9 +30,20 @@ def _run(*command: str) -> subprocess.CompletedProcess:
     (["gptjax.hf", "export", "--workdir={tmp}", "--out={tmp}/hf"], NOT_A_RUN),
     (["gptjax.plan", "--config=configs/quickstart.py", "--devices=8", "--mesh=3,1,1"], "needs 3 devices but 8"),
     (["gptjax.plot", "--workdir={tmp}"], "metrics.jsonl does not exist"),
+    # Task, LoRA and AdaLoRA settings, refused before the base (runs/task_pretrain, absent) is loaded.
+    (SST2 + ["--config.task.eval_batch_size=0"], "task.eval_batch_size=0 must be a positive multiple"),
+    (SST2 + ["--config.lora.rank=4", "--config.lora.targets=qkv,bogus"], "lora.targets='qkv,bogus': ['bogus']"),
+    (SST2 + ["--config.lora.rank=12", "--config.lora.method=adalora", "--config.lora.tfinal=999999"],
+     "lora.tinit=0 + lora.tfinal=999999 leave no rank-pruning phase in this run's 2 steps"),
+    (SST2 + ["--config.model.n_layer=3"], "model.n_layer=3: fine-tuning does not use it"),
+    (SST2 + ["--config.train.micro_batch_size=-1"], "train.micro_batch_size=-1 (search the largest that fits) is "
+                                                   "for pretraining"),
 ])
 def test_a_user_error_is_one_line_and_exit_status_2(tmp_path, command, message):
   (tmp_path / "corrupt" / "checkpoints" / "5").mkdir(parents=True)  # a step directory with nothing readable in it
+  (tmp_path / "sst2").mkdir()
+  for name in ("train.tsv", "dev.tsv"):
+    (tmp_path / "sst2" / name).write_text("sentence\tlabel\n" + "a fine film\t1\nawful\t0\n" * 4)
   command = [arg.format(tmp=tmp_path) for arg in command]
   if command[0] in ("gptjax.main", "gptjax.prepare"):
     command.append(f"--workdir={tmp_path / 'run'}")

@@ -181,3 +181,25 @@ def test_fine_tuning_computes_in_the_configs_dtype_not_the_bases(tmp_path):
   assert len(losses["float32"]) == 3
   assert not np.array_equal(losses["float32"], losses["bfloat16"])
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
+
+
+def test_fine_tuning_honours_attention_and_eval_every_and_ranks_checkpoints_by_the_task_metric(tmp_path, capsys):
+  """model.attention is the run's; train.eval_every=1 evaluates every step (0: every epoch); checkpoint.keep_best
+  keeps the best by eval accuracy, so each evaluated step is saved with its metrics."""
+  from gptjax import loop  # pylint: disable=import-outside-toplevel
+  config = tiny_classification_config(tmp_path)
+  config.model.attention = "xla"
+  config.train.eval_every = 1
+  config.checkpoint.update(keep=1, keep_best=1, every_steps=100)
+  config.log.tensorboard = False
+  loop.run(config, str(tmp_path / "run"))
+  assert "| attention xla" in capsys.readouterr().out
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  accuracy = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
+  assert sorted(accuracy) == [1, 2, 3]
+  best = max(sorted(accuracy, reverse=True), key=lambda step: accuracy[step])  # the latest of equals
+  kept = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == sorted({best, 3})
+  for step in kept:
+    saved = json.loads((tmp_path / "run" / "checkpoints" / str(step) / "metrics" / "metrics").read_text())
+    assert saved["eval_accuracy"] == accuracy[step]  # on disk: a resumed run still ranks it

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_config
+from helpers import task_config, tiny_config
 
 from gptjax import checkpoint, loader, loop
 from gptjax.data.tokenizer import CharTokenizer
@@ -237,7 +237,7 @@ def _write_conll(path, n, seed):
 
 
 def _ner_config(tmp_path, base, rank, mesh=(-1, 1, 1), method="lora"):
-  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=6e-3, mesh=mesh), "ner")
+  c = task_config("ner", batch_size=8, learning_rate=6e-3, mesh=mesh)
   c.task.update(train_path=_write_conll(tmp_path / "train.txt", 64, 0),
                 eval_path=_write_conll(tmp_path / "dev.txt", 16, 1), epochs=4, eval_batch_size=8)
   c.checkpoint.init_from = base
@@ -276,7 +276,7 @@ def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh, method):
                                                                          tuned.lora_cfg)), atol=1e-5)
   if rank:  # adapters only fit the tokenizer (and base) they were trained with
     other = _base_model(tmp_path / "other", _char_tokenizer("abc"))
-    with pytest.raises(ValueError, match="were trained with"):
+    with pytest.raises(ValueError, match="not the .* the adapters were trained on"):
       store.load(str(workdir), base=other)
 
 
@@ -286,7 +286,7 @@ def test_sft_and_classification_runs(tmp_path):
   pairs = [{"prompt": w, "response": w[::-1][:3]} for w in WORDS]
   (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs * 8))
   (tmp_path / "dev.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=3e-3, mesh=(-1, 1, 1)), "sft")
+  c = task_config("sft", batch_size=8, learning_rate=3e-3, mesh=(-1, 1, 1))
   c.task.update(train_path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "dev.jsonl"), epochs=4,
                 eval_batch_size=8, generate=2, generate_tokens=6)
   c.checkpoint.init_from = base
@@ -304,7 +304,7 @@ def test_sft_and_classification_runs(tmp_path):
 
   (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(
       f"{w} {w[0]}\t{'name' if w[0].isupper() else 'other'}\n" for w in WORDS * 16))
-  c = tasks.add_task_config(tiny_config(batch_size=8, learning_rate=1e-2, mesh=(-1, 1, 1)), "classify")
+  c = task_config("classify", batch_size=8, learning_rate=1e-2, mesh=(-1, 1, 1))
   c.task.update(train_path=str(tmp_path / "train.tsv"), eval_path=str(tmp_path / "train.tsv"), epochs=3,
                 eval_batch_size=8)
   c.checkpoint.init_from = base
@@ -315,28 +315,28 @@ def test_sft_and_classification_runs(tmp_path):
 
 
 def test_bad_task_configs_are_rejected(tmp_path):
-  c = tasks.add_task_config(tiny_config(), "ner")
+  c = task_config("ner")
   with pytest.raises(ValueError, match="task.train_path is empty"):
-    tasks.validate(c)
+    tasks.validate(c, 1)
   c.task.update(train_path=str(tmp_path / "missing.txt"), eval_path=str(tmp_path / "missing.txt"))
   with pytest.raises(ValueError, match="missing.txt' does not exist"):
-    tasks.validate(c)
+    tasks.validate(c, 1)
   (tmp_path / "t.txt").write_text("EU B-ORG\n")
   c.task.update(train_path=str(tmp_path / "t.txt"), eval_path=str(tmp_path / "t.txt"))
   with pytest.raises(ValueError, match="checkpoint.init_from is empty"):
-    tasks.validate(c)
+    tasks.validate(c, 1)
   c.checkpoint.init_from = "somewhere"
   c.task.label_subword = "middle"
   with pytest.raises(ValueError, match="task.label_subword='middle': use 'last'"):
-    tasks.validate(c)
+    tasks.validate(c, 1)
   c.task.label_subword = "last"
   c.task.pool = "max"
   with pytest.raises(ValueError, match=r"task.pool='max': use one of \('last', 'mean'\)"):
-    tasks.validate(c)
+    tasks.validate(c, 1)
   c.task.pool = "last"
   c.task.kind = "qa"
   with pytest.raises(ValueError, match="task.kind='qa'"):
-    tasks.validate(c)
+    tasks.validate(c, 1)
 
 
 def test_evaluate_cli_scores_a_fine_tuned_model(tmp_path):

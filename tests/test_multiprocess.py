@@ -44,9 +44,12 @@ def _two_processes(workdir, corpus, steps):
   return outputs[0][0]
 
 
+def _rows(workdir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(workdir) -> dict[int, float]:
-  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+  return {r["step"]: r["train_loss"] for r in _rows(workdir) if "train_loss" in r}
 
 
 @pytest.mark.slow
@@ -64,6 +67,13 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
   assert sorted(one) == sorted(two) == list(range(1, 13))
   np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], atol=2e-6)
+  # The bookkeeping counts each token once: every process's rows of a global batch of 8 x 16 tokens.
+  summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
+  for summary in summaries:
+    assert summary["tokens_seen"] == 12 * 8 * 16 and summary["tokens_per_step"] == 8 * 16, summary
+    np.testing.assert_allclose(summary["tokens_per_sec"], 8 * 16 / summary["median_step_seconds"])
+  # MFU / (tokens/s) is FLOPs per token over the 8 devices' peak: the same model and devices, so the same ratio.
+  np.testing.assert_allclose(*[s["mfu"] / s["tokens_per_sec"] for s in summaries], rtol=1e-9)
   final_one = loader.load_model(str(tmp_path / "one")).params
   final_two = loader.load_model(str(tmp_path / "two")).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final_two, final_one)

@@ -91,7 +91,7 @@ def test_notebook_tpu_runs_parse_into_valid_configs():
     assert config.checkpoint.every_steps > 0 and config.checkpoint.keep >= 1, name
     config_lib.validate(config, 1)  # one v5e chip
     if "task" in config:
-      tasks.validate(config)  # hf: paths parse (no network), a base model is named
+      tasks.validate(config, 1)  # hf: paths parse (no network), a base model is named
       assert config.checkpoint.init_from == "hf:gpt2", name
       for path in (config.task.train_path, config.task.eval_path):
         assert path.startswith("hf:"), (name, path)

@@ -68,6 +68,28 @@ def _honour_preconditions(server_module, objects, not_found):
         methods[method] = wrap(handler)
 
 
+FAULTS = {}  # object name prefix -> the HTTP status the emulator answers its reads with (a failing or denied read)
+
+
+def _inject_faults(server_module, objects):
+  """Makes the emulator answer reads of objects under a FAULTS prefix with that prefix's status."""
+
+  def wrap(handler):
+    @functools.wraps(handler)
+    def wrapped(request, response, storage, *args, **kwargs):
+      name = request.params.get("object_id") or ""
+      status = next((code for prefix, code in FAULTS.items() if name.startswith(prefix)), None)
+      if status is None:
+        return handler(request, response, storage, *args, **kwargs)
+      response.status = status
+    return wrapped
+
+  for _, methods in server_module.HANDLERS:
+    for method, handler in methods.items():
+      if handler in (objects.get, objects.download):
+        methods[method] = wrap(handler)
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -81,6 +103,7 @@ def store():
   from gcp_storage_emulator import exceptions  # pylint: disable=import-outside-toplevel
   from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
   _honour_preconditions(emulator, objects, exceptions.NotFound)
+  _inject_faults(emulator, objects)
   url = f"http://127.0.0.1:{_free_port()}"
   server = emulator.create_server("127.0.0.1", int(url.rsplit(":", 1)[1]), in_memory=True, default_bucket=BUCKET)
   with pytest.MonkeyPatch.context() as mp:
@@ -242,3 +265,31 @@ def test_a_whole_run_on_gcs(store, sandbox, corpus):
   assert {"task.json"} <= {p.rsplit("/", 1)[1] for p in fs.find(f"{BUCKET}/ft/finetuned")}
   assert fs.exists(f"{BUCKET}/ft/merged/export.json") and fs.exists(f"{BUCKET}/ft/summary.json")
   assert list((tmp_path / "cache" / "remote").iterdir())  # the token shards were read from local copies
+
+
+def test_a_failing_or_denied_read_stops_the_run_and_changes_no_checkpoint(store, corpus, monkeypatch):
+  """A checkpoint the storage fails to serve (503, after the clients' retries) or refuses (403) is not "corrupt":
+  the run stops with one error and every checkpoint stays; once storage answers again, the newest resumes."""
+  from gptjax import loop  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
+  from tests.helpers import quick_run_config  # pylint: disable=import-outside-toplevel
+  url, fs = store
+  monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+  # TensorStore retries a 503 for about a minute by default; the test's budget is a few tries.
+  contexts = {"gcs_request_retries": {"max_retries": 2, "initial_delay": "10ms", "max_delay": "20ms"}}
+  monkeypatch.setattr(tensorstore_utils, "_DEFAULT_OCDBT_TS_CONTEXT",
+                      {**tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT, **contexts})  # pylint: disable=protected-access
+  run, checkpoints = f"gs://{BUCKET}/faults", "faults/checkpoints"
+  loop.run(quick_run_config(corpus, steps=8), run)
+  assert _committed_steps(fs, checkpoints) == [4, 8]
+  for status in (http.HTTPStatus.SERVICE_UNAVAILABLE, http.HTTPStatus.FORBIDDEN):
+    FAULTS[f"{checkpoints}/8/state/"] = status
+    try:
+      with pytest.raises(paths.StorageError, match=f"checkpoint {run}/checkpoints/8 could not be read from its "
+                                                   "storage .*nothing was changed"):
+        loop.run(quick_run_config(corpus, steps=12), run)
+    finally:
+      FAULTS.clear()
+    assert _committed_steps(fs, checkpoints) == [4, 8] and not fs.glob(f"{BUCKET}/{checkpoints}/corrupt-*"), status
+  info = loop.run(quick_run_config(corpus, steps=12), run)
+  assert info.summary["steps_run"] == 4  # resumed from 8

@@ -136,8 +136,8 @@ def test_missing_datasets_package_and_bad_specs(monkeypatch, tmp_path):
   config = tasks.add_task_config(config_lib.default_config(), "ner")
   config.task.update(train_path="hf:conll2003", eval_path="hf:@validation")
   with pytest.raises(DataError, match=r"task.eval_path='hf:@validation': name a dataset"):
-    tasks.validate(config)
+    tasks.validate(config, 1)
   # 'hf:' specs need no file (nor the package) to validate: the next check is the base model's.
   config.task.eval_path = "hf:conll2003@validation"
   with pytest.raises(ValueError, match="checkpoint.init_from is empty"):
-    tasks.validate(config)
+    tasks.validate(config, 1)

@@ -20,7 +20,6 @@ import os
 import grain
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from gptjax import checkpoint, config as config_lib, generate, loader, metrics, paths, sharding, train
@@ -28,21 +27,30 @@ from gptjax.finetune import adalora, lora, sft, store, tasks, trainer
 from gptjax.job import Job, log
 from gptjax.model import count_params, flops_per_token
 
+BASE_FILE = "base.json"  # in the workdir: the base a run trains on (store.base_record), for its resumes
+
 
 def build(config, workdir: str, mesh, resuming: bool) -> Job:
   """The job of a fine-tuning config in `workdir`."""
-  del resuming  # the base is loaded either way: it is the frozen part, or the shape of the trained one
-  tasks.validate(config)
-  dp = config_lib.data_parallel_degree(config, jax.device_count())
-  if config.task.eval_batch_size % dp:
-    raise config_lib.ConfigError(f"task.eval_batch_size={config.task.eval_batch_size} must be a multiple of the "
-                                 f"data-parallel degree {dp} (each device scores its rows).")
-  task = tasks.make_task(config.task)
-  base = loader.load_model(config.checkpoint.init_from, mesh)
-  # Remat and the compute dtype are this run's memory/speed choices, not the base's: 'qkv_fc' keeps LoRA at 0.43x the
-  # memory of full fine-tuning (benchmarks/RESULTS.md); bfloat16 is what a TPU or GPU computes fast.
-  tokenizer, model_cfg = base.tokenizer, dataclasses.replace(base.model_cfg, remat=config.model.remat,
-                                                             dtype=config.model.dtype)
+  task = tasks.make_task(config.task)  # the config is validated (loop.validate)
+  train_examples = task.read(config.task.train_path)
+  eval_examples = task.read(config.task.eval_path)
+  t = config.train
+  steps_per_epoch = math.ceil(len(train_examples) / t.batch_size)
+  config = config.copy_and_resolve_references()
+  if config.task.epochs:
+    config.train.steps = math.ceil(config.task.epochs * steps_per_epoch)
+  tasks.check_schedule(config, config.train.steps)
+  # train.eval_every: the task's metrics every N steps; 0 = after every epoch.
+  config.train.eval_every = t.eval_every or steps_per_epoch
+  lora_cfg = store.lora_config(config)
+  # Loaded on resumes too: the frozen part, or the shapes of the trained one.
+  base, base_record = _load_base(config, workdir, mesh, frozen=lora_cfg is not None, resuming=resuming)
+  # The model is the base's; the compute dtype, the attention kernel and remat are this run's speed/memory choices
+  # ('qkv_fc' keeps LoRA at 0.43x the memory of full fine-tuning, benchmarks/RESULTS.md; bfloat16 is what a TPU or
+  # GPU computes fast).
+  tokenizer = base.tokenizer
+  model_cfg = dataclasses.replace(base.model_cfg, **{k: config.model[k] for k in tasks.RUN_MODEL_FIELDS})
   max_len = config.task.max_len or model_cfg.block_size
   if max_len > model_cfg.block_size:
     raise config_lib.ConfigError(f"task.max_len={max_len} exceeds the base model's block_size "
@@ -51,20 +59,11 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   # falls back to 'xla'.
   model_cfg = model_cfg.for_device(mesh, trainer.bucket_lengths(max_len), config.mesh.rules)
 
-  train_examples = task.read(config.task.train_path)
-  eval_examples = task.read(config.task.eval_path)
   labels = task.label_vocab(train_examples)
   train_data = task.encode(tokenizer, train_examples, labels, max_len)
   eval_data = task.encode(tokenizer, eval_examples, labels, max_len)
   full_rows = int((train_data["lengths"] == max_len).sum())
 
-  t = config.train
-  steps_per_epoch = math.ceil(len(train_examples) / t.batch_size)
-  config = config.copy_and_resolve_references()
-  if config.task.epochs:
-    config.train.steps = math.ceil(config.task.epochs * steps_per_epoch)
-  config.train.eval_every = steps_per_epoch  # the task's metrics after every epoch
-  lora_cfg = store.lora_config(config)
   run_cfg = model_cfg if lora_cfg is None else lora_cfg.model(model_cfg)  # the adapters in the forward pass
   dropout = config.task.dropout if config.task.dropout >= 0 else model_cfg.dropout
   graphdef = store.graphdef_of(run_cfg, dropout)
@@ -80,16 +79,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
     tx = adalora.allocator(tx, config, trainable["lora"])
   param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-  shardings = {"step": replicated, "skipped": replicated, "params": param_shardings,
-               "opt_state": train.optimizer_shardings(tx, abstract_params, param_shardings, mesh)}
+  shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh)
   abstract = jax.eval_shape(lambda p: train.new_state(p, tx), abstract_params)
-
-  def objective(params, frozen, batch, key):
-    model = nnx.merge(graphdef, trainer.model_params(params, frozen, lora_cfg))
-    loss = task.loss(model, params["head"], batch, key)[0]
-    if lora_cfg is not None and lora_cfg.method == "adalora":
-      loss = loss + config.lora.orth_reg_weight * adalora.orthogonality(adalora.flat(params["lora"]))
-    return loss
 
   predict = trainer.make_predict(store.graphdef_of(run_cfg), task.loss, lora_cfg, mesh, config.mesh.rules)
   final_rows = []
@@ -113,7 +104,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
         row["generated"] = response
     if jax.process_index() == 0:
       tasks.write_report(os.path.join(workdir, "eval"), report, rows)
-    store.save(os.path.join(workdir, "finetuned"), config, base.config, labels, state["params"], tokenizer, step)
+    store.save(os.path.join(workdir, "finetuned"), config, base.config, labels, state["params"], tokenizer, step,
+               base_record)
     if config.task.export_merged:
       checkpoint.write_export(os.path.join(workdir, "merged"), params, base.config, tokenizer, step,
                               source=os.path.join(paths.absolute(workdir), "finetuned"))
@@ -140,11 +132,31 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
              shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx), out_shardings=shardings,
                                                              donate_argnums=0)(trainable),
              batches=batches, evaluate=evaluate, finish=finish,
-             tokens=lambda batch: int(batch["tokens"].size), steps=config.train.steps,
+             tokens=lambda batch: int(batch["tokens"].size) * jax.process_count(), steps=config.train.steps,
              flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),
-             description=description, objective=objective, frozen=frozen or None,
+             description=description,
+             objective=trainer.objective(graphdef, task.loss, lora_cfg, config.lora.orth_reg_weight), frozen=frozen or None,
              frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
              use_dropout=dropout > 0)
+
+
+def _load_base(config, workdir: str, mesh, frozen: bool, resuming: bool):
+  """(the base model, its record): on a resume, the base as <workdir>/base.json recorded it when the run started
+  (its step, and for a frozen base under adapters its fingerprint checked); else checkpoint.init_from's newest
+  step, recorded."""
+  record_path = os.path.join(workdir, BASE_FILE)
+  path = config.checkpoint.init_from
+  if resuming and paths.path(record_path).exists():
+    record = paths.read_json(record_path)
+    if frozen:
+      return store.load_base(record, mesh, path), record
+    # Full fine-tuning trains a copy: its checkpoints hold the whole model, the base gives only the shapes.
+    return loader.load_model(path, mesh), record
+  base = loader.load_model(path, mesh)
+  record = store.base_record(path, base)
+  if jax.process_index() == 0:
+    paths.write_json(record_path, record, indent=2)
+  return base, record
 
 
 def _flops_per_token(model_cfg, params, kind: str, lora_cfg, seq: int) -> float:

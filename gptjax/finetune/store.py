@@ -4,8 +4,10 @@
   <dir>/trainable/   Orbax: {'lora', 'head'} (LoRA: a few MB, the base is read from its own checkpoint)
                      or {'base', 'head'} (full fine-tuning)
 
-`load` rebuilds it on top of the recorded base, or another copy of it (`base=`); a base whose tokenizer differs
-from the one the adapters were trained with is refused.
+`load` rebuilds it on top of the recorded base, or another copy of it (`base=`): the base's step and a fingerprint
+of its parameters are recorded (`base_record`), that step is loaded, and a base that is not the one the adapters
+were trained on (a workdir that trained on and rotated the step away, an overwritten export, another tokenizer) is
+refused.
 """
 
 import dataclasses
@@ -46,7 +48,31 @@ def lora_config(config) -> trainer.LoraConfig | None:
                             method=config.lora.get("method", "lora"))
 
 
-def save(out_dir: str, config, base_config, labels: list[str], trainable: dict, tokenizer, step: int) -> str:
+def base_record(path: str, base: checkpoint.LoadedModel) -> dict:
+  """Which base a fine-tuning run trains on: where, at which step, and the fingerprint of its parameters."""
+  return {"path": path, "step": base.step, "fingerprint": checkpoint.fingerprint(base.params)}
+
+
+def load_base(record: dict, mesh=None, path: str | None = None) -> checkpoint.LoadedModel:
+  """The base of `record` (read from `path`, default the recorded one) at the recorded step; a CheckpointError
+  when that step cannot be read, a ConfigError when the parameters there are not the recorded ones."""
+  path = path or record["path"]
+  what = f"the base model {path!r} at step {record['step']} (what the adapters were trained on)"
+  try:
+    base = loader.load_model(path, mesh, step=record["step"])
+  except checkpoint.CheckpointError as e:
+    raise checkpoint.CheckpointError(f"{what} cannot be loaded: {e} Keep or export that step of the base, or "
+                                     "fine-tune again.") from e
+  found = checkpoint.fingerprint(base.params)
+  if found != record["fingerprint"]:
+    raise config_lib.ConfigError(f"{what} has parameters {found}, not the {record['fingerprint']} the adapters "
+                                 "were trained on: the base was overwritten or retrained. Point to the original "
+                                 "base (checkpoint.init_from, or base=), or fine-tune again.")
+  return base
+
+
+def save(out_dir: str, config, base_config, labels: list[str], trainable: dict, tokenizer, step: int,
+         base: dict) -> str:
   """Writes trainable + task.json to out_dir, replacing an earlier save only once the new one is complete.
 
   Object stores cannot rename a directory (they copy every object), so there the earlier save is deleted first and
@@ -61,7 +87,7 @@ def save(out_dir: str, config, base_config, labels: list[str], trainable: dict, 
   checkpointer.wait_until_finished()
   if jax.process_index() == 0:
     meta = {"config": config.to_dict(), "base_config": base_config.to_dict(), "labels": labels, "step": step,
-            "tokenizer": checkpoint.tokenizer_files(tokenizer)}
+            "tokenizer": checkpoint.tokenizer_files(tokenizer), "base": base}
     paths.write_json(os.path.join(partial, TASK_FILE), meta, indent=None)
     if not remote:
       paths.rmtree(out_dir)
@@ -94,7 +120,8 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
   if lora_cfg is None:
     frozen, target = {}, {"base": params_target, "head": head_target}
   else:
-    loaded = loader.load_model(base or config.checkpoint.init_from, mesh)
+    loaded = (load_base(meta["base"], mesh, base) if "base" in meta else  # saved before bases were recorded
+              loader.load_model(base or config.checkpoint.init_from, mesh))
     if loaded.tokenizer.fingerprint != tokenizer.fingerprint:
       raise config_lib.ConfigError(f"the base model {base or config.checkpoint.init_from!r} has tokenizer "
                                    f"{loaded.tokenizer.fingerprint}, the adapters in {directory} were trained with "

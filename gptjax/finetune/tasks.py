@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 
 from gptjax import paths
-from gptjax.config import ConfigError
+from gptjax.config import ConfigError, data_parallel_degree, default_config
 from gptjax.data.corpus import parse_hf
-from gptjax.finetune import classify, hub, ner, sft
+from gptjax.finetune import classify, hub, lora, ner, sft
 
 KINDS = ("classify", "ner", "sft")
 
@@ -100,11 +100,28 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
   # The run starts from checkpoint.init_from: a run's workdir, an export, or 'hf:<GPT-2 dir or name>'; it saves
   # a checkpoint (what is trained, the optimizer, the data position) every 100 steps, and resumes from it.
   c.checkpoint.every_steps = 100
+  # The task's metrics on task.eval_path every N steps; 0 = after every epoch. checkpoint.keep_best ranks the
+  # checkpoints by them (accuracy, entity F1 or SFT loss): with keep_best > 0 each evaluated step is also saved.
+  c.train.eval_every = 0
   return c
 
 
-def validate(config) -> None:
-  """ConfigErrors naming the field and the fix for task settings that cannot work."""
+# The model fields a fine-tuning run chooses; the others are the base's (checkpoint.init_from) and must be left at
+# their defaults.
+RUN_MODEL_FIELDS = ("dtype", "attention", "remat")
+# The metric checkpoint.keep_best ranks a task's checkpoints by, and whether higher is better.
+RANKING = {"classify": ("eval_accuracy", True), "ner": ("eval_f1", True), "sft": ("eval_loss", False)}
+
+
+def ranking(task_cfg) -> tuple[str, bool]:
+  """(metric, higher is better) of the task's evaluation that ranks its checkpoints (checkpoint.keep_best)."""
+  return RANKING[task_cfg.kind]
+
+
+def validate(config, n_devices: int) -> None:
+  """ConfigErrors naming the field and the fix for task, LoRA and AdaLoRA settings that cannot work, and for
+  pretraining settings that fine-tuning takes from elsewhere. Only what needs the data (AdaLoRA's schedule against
+  the run's steps) is left to `check_schedule`."""
   t = config.task
   if t.kind not in KINDS:
     raise ConfigError(f"task.kind={t.kind!r}: choose one of {KINDS}.")
@@ -118,14 +135,8 @@ def validate(config) -> None:
   if not config.checkpoint.init_from:
     raise ConfigError("checkpoint.init_from is empty: fine-tuning needs a base model (a run's workdir, an export "
                       "or 'hf:<GPT-2 dir or name>').")
-  lo = config.lora
-  if lo.rank < 0:
-    raise ConfigError(f"lora.rank={lo.rank}: use 0 (full fine-tuning) or a positive rank.")
-  if lo.method not in ("lora", "adalora"):
-    raise ConfigError(f"lora.method={lo.method!r}: use 'lora' or 'adalora'.")
-  if lo.method == "adalora" and not 0 < lo.target_r <= lo.rank:
-    raise ConfigError(f"lora.target_r={lo.target_r} must be in 1..lora.rank={lo.rank} (AdaLoRA prunes from rank "
-                      "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
+  _validate_model_section(config)
+  _validate_lora(config.lora)
   if t.label_subword not in ("first", "last"):
     raise ConfigError(f"task.label_subword={t.label_subword!r}: use 'last' (causal models) or 'first'.")
   if t.pool not in classify.POOLS:
@@ -134,6 +145,65 @@ def validate(config) -> None:
     raise ConfigError(f"task.group_by_length={t.group_by_length}: use 1 (plain shuffled batches) or more.")
   if t.epochs < 0 or (t.epochs == 0 and config.train.steps <= 0):
     raise ConfigError(f"task.epochs={t.epochs}, train.steps={config.train.steps}: one of them must be positive.")
+  if t.max_len < 0:
+    raise ConfigError(f"task.max_len={t.max_len} must be >= 0 (0 = the base model's block_size).")
+  if not (t.dropout == -1 or 0 <= t.dropout < 1):
+    raise ConfigError(f"task.dropout={t.dropout} must be in [0, 1), or -1 for the base model's.")
+  if t.generate < 0 or t.generate_tokens < 1:
+    raise ConfigError(f"task.generate={t.generate} must be >= 0 and task.generate_tokens={t.generate_tokens} >= 1.")
+  dp = data_parallel_degree(config, n_devices)
+  if t.eval_batch_size <= 0 or t.eval_batch_size % dp:
+    raise ConfigError(f"task.eval_batch_size={t.eval_batch_size} must be a positive multiple of the data-parallel "
+                      f"degree {dp} (each device scores its rows), e.g. {max(dp, 64 // dp * dp)}.")
+  if config.train.micro_batch_size == -1:
+    raise ConfigError("train.micro_batch_size=-1 (search the largest that fits) is for pretraining, whose batches "
+                      "have one shape; a task's batches vary in length: give a number of rows per device (0 = the "
+                      "whole per-device batch at once).")
+
+
+def _validate_model_section(config) -> None:
+  defaults = default_config().model
+  for name, value in config.model.items():
+    if name in RUN_MODEL_FIELDS or name not in defaults or value == defaults[name]:
+      continue
+    instead = ("task.dropout (-1 = the base's)" if name == "dropout" else
+               "the base's (checkpoint.init_from); fine-tune another base to change it")
+    raise ConfigError(f"model.{name}={value!r}: fine-tuning does not use it (its model is the base's, with only "
+                      f"model.{', model.'.join(RUN_MODEL_FIELDS)} chosen by the run); it uses {instead}.")
+
+
+def _validate_lora(lo) -> None:
+  if lo.rank < 0:
+    raise ConfigError(f"lora.rank={lo.rank}: use 0 (full fine-tuning) or a positive rank.")
+  if lo.method not in lora.METHODS:
+    raise ConfigError(f"lora.method={lo.method!r}: use one of {lora.METHODS}.")
+  if lo.rank == 0:
+    return
+  targets = [name.strip() for name in lo.targets.split(",") if name.strip()]
+  unknown = [name for name in targets if name not in lora.TARGETS]
+  if unknown or not targets:
+    raise ConfigError(f"lora.targets={lo.targets!r}: {unknown or 'no target'} not among {list(lora.TARGETS)}; "
+                      "give a comma-separated list of them, e.g. 'qkv,out,fc,proj'.")
+  if lo.alpha <= 0:
+    raise ConfigError(f"lora.alpha={lo.alpha} must be positive (updates are scaled by alpha / rank).")
+  if lo.method == "adalora":
+    if not 0 < lo.target_r <= lo.rank:
+      raise ConfigError(f"lora.target_r={lo.target_r} must be in 1..lora.rank={lo.rank} (AdaLoRA prunes from rank "
+                        "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
+    if lo.tinit < 0 or lo.tfinal < 0 or lo.deltaT < 1:
+      raise ConfigError(f"lora.tinit={lo.tinit}, lora.tfinal={lo.tfinal}, lora.deltaT={lo.deltaT}: need tinit >= 0, "
+                        "tfinal >= 0 (steps) and deltaT >= 1 (steps between rank allocations).")
+    for name in ("beta1", "beta2"):
+      if not 0 <= lo[name] < 1:
+        raise ConfigError(f"lora.{name}={lo[name]} must be in [0, 1) (an EMA rate).")
+
+
+def check_schedule(config, steps: int) -> None:
+  """AdaLoRA's phases must fit the run's `steps` (known once the training file is read, for task.epochs)."""
+  lo = config.lora
+  if lo.rank and lo.method == "adalora" and lo.tinit + lo.tfinal >= steps:
+    raise ConfigError(f"lora.tinit={lo.tinit} + lora.tfinal={lo.tfinal} leave no rank-pruning phase in this run's "
+                      f"{steps} steps: lower them (their sum must be below {steps}) or train longer (task.epochs).")
 
 
 @dataclasses.dataclass(frozen=True)

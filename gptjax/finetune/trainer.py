@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from gptjax import config as config_lib, sharding, train
-from gptjax.finetune import lora
+from gptjax.finetune import adalora, lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,17 @@ def merged_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None):
 def _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg, dropout_key):
   model = nnx.merge(graphdef, model_params(trainable, frozen, lora_cfg))
   return task_loss(model, trainable["head"], batch, dropout_key)
+
+
+def objective(graphdef, task_loss, lora_cfg: LoraConfig | None, orth_reg_weight: float = 0.0):
+  """What fine-tuning minimises, (trainable, frozen, batch, dropout_key) -> loss: the task's loss, plus AdaLoRA's
+  orthogonality regulariser on its P and Q (peft's orth_reg_weight)."""
+  def loss(trainable, frozen, batch, dropout_key):
+    task = _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg, dropout_key)[0]
+    if lora_cfg is None or lora_cfg.method != "adalora":
+      return task
+    return task + orth_reg_weight * adalora.orthogonality(adalora.flat(trainable["lora"]))
+  return loss
 
 
 def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None, mesh=None,
@@ -115,7 +126,7 @@ def one_device_step(config, graphdef, tx, state: dict, frozen: dict, task_loss, 
   time or inspect one task's step. Called as step(state, batch [1, B, ...], frozen) ('frozen' only if not empty)."""
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   placed = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
-  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh),
-               "params": placed(state["params"]), "opt_state": placed(state["opt_state"])}
-  objective = lambda p, f, batch, key: _task_outputs(p, f, batch, graphdef, task_loss, lora_cfg, key)[0]
-  return train.make_train_step(graphdef, tx, config, shardings, mesh, objective, placed(frozen) if frozen else None)
+  orth_reg_weight = config.lora.orth_reg_weight if lora_cfg is not None and lora_cfg.method == "adalora" else 0.0
+  return train.make_train_step(graphdef, tx, config, placed(state), mesh,
+                               objective(graphdef, task_loss, lora_cfg, orth_reg_weight),
+                               placed(frozen) if frozen else None)
