@@ -70,7 +70,7 @@ class UnreadableCheckpoint(CheckpointError):
 
 
 # What storage says when it failed to answer or refused, rather than answered with broken data: gRPC/absl status
-# names (TensorStore), HTTP status codes (gcsfs, TensorStore's gcs/s3 drivers).
+# names (TensorStore), HTTP status codes (in TensorStore's messages; gcsfs's errors carry them as `code`).
 _STORAGE_FAILURES = re.compile(r"PERMISSION_DENIED|UNAUTHENTICATED|UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|"
                                r"\b(?:HTTP|response|status|code)\D{0,20}\b(?:401|403|408|429|5\d\d)\b|Forbidden")
 
@@ -84,6 +84,9 @@ def storage_failure(error: BaseException) -> bool:
       return True
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno is not None:
       return True  # EIO, EACCES, ENOSPC...: the storage, not the bytes in it
+    code = next((getattr(error, a) for a in ("code", "status_code", "status") if hasattr(error, a)), None)
+    if isinstance(code, int) and (code in (401, 403, 408, 429) or 500 <= code < 600):  # gcsfs's HttpError...
+      return True
     if _STORAGE_FAILURES.search(str(error)):
       return True
     error = error.__cause__ or error.__context__
@@ -93,7 +96,7 @@ def storage_failure(error: BaseException) -> bool:
 def _read_error(where: str, error: Exception) -> CheckpointError:
   """The error to raise for a checkpoint that failed to read: a storage failure stops the run and touches nothing
   (a network hiccup must not roll a run back); anything else means the files themselves are broken."""
-  what = f"{type(error).__name__}: {str(error)[:300]}"
+  what = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"  # one line
   if storage_failure(error):
     return paths.StorageError(f"checkpoint {where} could not be read from its storage ({what}); nothing was changed. "
                               "Check access to it (credentials, permissions, network) and rerun to resume.")

@@ -72,8 +72,6 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   for summary in summaries:
     assert summary["tokens_seen"] == 12 * 8 * 16 and summary["tokens_per_step"] == 8 * 16, summary
     np.testing.assert_allclose(summary["tokens_per_sec"], 8 * 16 / summary["median_step_seconds"])
-  # MFU / (tokens/s) is FLOPs per token over the 8 devices' peak: the same model and devices, so the same ratio.
-  np.testing.assert_allclose(*[s["mfu"] / s["tokens_per_sec"] for s in summaries], rtol=1e-9)
   final_one = loader.load_model(str(tmp_path / "one")).params
   final_two = loader.load_model(str(tmp_path / "two")).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final_two, final_one)

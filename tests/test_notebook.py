@@ -137,7 +137,7 @@ def test_notebook_references_what_exists():
   loop_source = (ROOT / "gptjax/loop.py").read_text()
   evaluation_source = (ROOT / "gptjax/pretrain.py").read_text()
   for key in re.findall(r'r\["(\w+)"\]', code):
-    assert (key == "step" or re.search(rf"writer\.write\(step,[^\n]*\b{key}=", loop_source)
+    assert (key == "step" or re.search(rf"writer\.write\((?:self\.)?step,[^\n]*\b{key}=", loop_source)
             or f'"{key}":' in evaluation_source), key
 
 
