@@ -8,6 +8,7 @@ config's steps (tests/test_tpu_compile.py).
 """
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -109,8 +110,12 @@ def devices(slice_or_type):
                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(name, value)
+  return _topology_devices(slice_.topology, slice_.chips_per_host, slice_.chip.counts_cores)
+
+
+@functools.lru_cache(maxsize=None)  # ~1 s each; a planner or a test module asks for the same slice many times
+def _topology_devices(topology: str, chips_per_host, megacore: bool):
   from jax.experimental import topologies
-  extra = {"chip_config_name": "megacore"} if slice_.chip.counts_cores else {}
-  topology = topologies.get_topology_desc(platform="tpu", topology_name=slice_.topology,
-                                          chips_per_host_bounds=slice_.chips_per_host, **extra)
-  return topology.devices
+  extra = {"chip_config_name": "megacore"} if megacore else {}
+  return topologies.get_topology_desc(platform="tpu", topology_name=topology, chips_per_host_bounds=chips_per_host,
+                                      **extra).devices

@@ -151,11 +151,13 @@ def _notebook_configs():
   return {name: config.copy_and_resolve_references() for name, config in notebook_tpu_configs().items()}
 
 
-@pytest.mark.parametrize("name", ["gpt2_small_web", "sst2_gpt2", "conll2003_gpt2"])
+# SST-2's run is left out: the same model and settings as CoNLL-2003's at rows of 64 tokens instead of 256, it needs
+# less of everything (its fine-tune step compiles for v5e-1 in test_finetune_step_builds).
+@pytest.mark.parametrize("name", ["gpt2_small_web", "conll2003_gpt2"])
 def test_notebook_tpu_runs_compile_and_fit_a_v5e_chip(name):
   """The Colab notebook's TPU runs, at full size, as their cells launch them (their Hub data cannot be reached here):
-  pretraining GPT-2 small, and fine-tuning hf:gpt2 (GPT-2 small's shape; the run's dtype and remat) on SST-2 and
-  CoNLL-2003 at the tasks' longest rows. Each must compile for Colab's v5e-1 and fit its HBM."""
+  pretraining GPT-2 small, and fine-tuning hf:gpt2 (GPT-2 small's shape; the run's dtype and remat) on CoNLL-2003 at
+  the task's longest rows. Each must compile for Colab's v5e-1 and fit its HBM."""
   config = _notebook_configs()[name]
   devices = _devices("v5e-1")
   hbm = tpu.CHIPS["v5e"].hbm_bytes
