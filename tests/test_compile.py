@@ -179,8 +179,13 @@ def test_notebook_tpu_runs_compile_and_fit_a_v5e_chip(name):
   assert total <= hbm, f"the notebook's {name} run needs {total / 2**30:.2f} GiB of v5e-1's {hbm / 2**30:.2f}"
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("name", BASES)
+# GPT-2 small, medium and large decode on the FSDP slice as GPT-2 XL does, at smaller widths (the same program, one
+# layer): XL stands for them there; on v5e-1 every base decodes.
+DECODE = [(name, target) for name in BASES for target in TARGETS
+          if not (target == "v5p-16" and name in ("gpt2_small", "gpt2_medium", "gpt2_large"))]
+
+
+@pytest.mark.parametrize("name, target", DECODE, ids=[f"{n}-{t}" for n, t in DECODE])
 def test_decode_steps_build(name, target):
   """Prefill and the decode loop, with the unstacked layers `generate.stream` decodes with, as the loop samples."""
   config = _config(name, target)
