@@ -134,8 +134,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
              batches=batches, evaluate=evaluate, finish=finish,
              tokens=lambda batch: int(batch["tokens"].size) * jax.process_count(), steps=config.train.steps,
              flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),
-             description=description,
-             objective=trainer.objective(graphdef, task.loss, lora_cfg, config.lora.orth_reg_weight), frozen=frozen or None,
+             description=description, frozen=frozen or None,
+             objective=trainer.objective(graphdef, task.loss, lora_cfg, config.lora.orth_reg_weight),
              frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
              use_dropout=dropout > 0)
 
