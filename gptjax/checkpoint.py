@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from gptjax import config as config_lib, paths, sharding
+from gptjax import config as config_lib, paths, sharding, train
 from gptjax.data.tokenizer import from_saved
 from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
@@ -184,16 +184,13 @@ def _check_shapes(where: str, state_dir: str, params) -> None:
     saved = ocp.StandardCheckpointHandler().metadata(paths.path(paths.absolute(state_dir)))
   except Exception:  # pylint: disable=broad-except  # broken metadata: the checkpoint is unreadable, not other
     return
-  saved = getattr(saved, "tree", saved)["params"]
-  shapes = {jax.tree_util.keystr(p): tuple(getattr(m, "shape", ())) for p, m in
-            jax.tree_util.tree_leaves_with_path(saved, is_leaf=lambda x: hasattr(x, "shape"))}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    name = jax.tree_util.keystr(path)
-    if shapes.get(name) != tuple(leaf.shape):
-      raise config_lib.ConfigError(
-          f"checkpoint {where} holds a model of another shape than this config's: parameter {name} is "
-          f"{shapes.get(name, 'missing')} there and {tuple(leaf.shape)} here. Use the model settings it was "
-          "trained with to resume it, or a new --workdir for this model.")
+  mismatch = train.first_shape_mismatch(getattr(saved, "tree", saved)["params"], params)
+  if mismatch:
+    name, there, here = mismatch
+    raise config_lib.ConfigError(
+        f"checkpoint {where} holds a model of another shape than this config's: parameter {name} is "
+        f"{there or 'missing'} there and {here} here. Use the model settings it was trained with to resume it, or a "
+        "new --workdir for this model.")
 
 
 @dataclasses.dataclass

@@ -318,9 +318,8 @@ class Trainer:
     """
     self.profiler.stop(self.state)
     if self.in_flight is not None:  # the last step's loss, also when the run stopped between logged steps
+      self._wait_for_previous_step()
       self.train_loss = float(self.in_flight)
-      self.throughput.step_finished()
-      self.bar.update(1)
     self.bar.close()
     if stop.reason == "nonfinite":
       self._save(None)  # the step left parameters and optimizer state as they were: this is the last good state

@@ -93,15 +93,23 @@ def init_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTrans
 
 
 def _check_shapes(params, abstract_params) -> None:
-  expected = jax.tree_util.tree_leaves_with_path(abstract_params)
-  got = dict(jax.tree_util.tree_leaves_with_path(params))
-  for path, want in expected:
-    have = got.get(path)
-    if have is None or have.shape != want.shape:
-      name = jax.tree_util.keystr(path)
-      raise ConfigError(f"initial parameters do not fit this model: {name} has shape "
-                        f"{None if have is None else have.shape}, the config's model needs {want.shape}; use the "
-                        "same model settings as the checkpoint (checkpoint.init_from).")
+  mismatch = first_shape_mismatch(params, abstract_params)
+  if mismatch:
+    name, have, want = mismatch
+    raise ConfigError(f"initial parameters do not fit this model: {name} has shape {have}, the config's model "
+                      f"needs {want}; use the same model settings as the checkpoint (checkpoint.init_from).")
+
+
+def first_shape_mismatch(tree, abstract_params) -> tuple[str, tuple | None, tuple] | None:
+  """(name, shape in `tree` or None when missing, the config's shape) of the first parameter of `abstract_params`
+  that `tree` (arrays, or any leaves with a .shape such as saved metadata) lacks or holds in another shape."""
+  shapes = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in
+            jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
+  for path, want in jax.tree_util.tree_leaves_with_path(abstract_params):
+    name = jax.tree_util.keystr(path)
+    if shapes.get(name) != tuple(want.shape):
+      return name, shapes.get(name), tuple(want.shape)
+  return None
 
 
 def optimizer_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
