@@ -1,6 +1,7 @@
 """Decoding speed (tokens/s) of `gptjax.generate` for the GPT-2 small shape, greedy, after a short prompt.
 
-  python benchmarks/decode.py --peer [--batches=1,8 --new_tokens=100]
+  python benchmarks/decode.py --peer [--batches=1,8 --new_tokens=100 --weights=float32,bfloat16,int8]
+  python benchmarks/decode.py --quality_workdir=runs/task_pretrain --quality_data=held_out.txt   (+ quality)
 
 For each batch size: our KV-cache decoder (random weights; one prefill, then one jitted while_loop), our own
 full-recompute baseline (one jitted fori_loop that runs the whole static-length buffer through the model for
@@ -8,6 +9,11 @@ every token, as gptjax did before the cache; timed on --baseline_tokens tokens, 
 transformers' GPT2LMHeadModel.generate with its KV cache (PyTorch, same shape, same run). Tokens/s counts new
 tokens over all rows; times are medians of --repeats calls after one warm-up call (which compiles). The weights
 are unstacked once beforehand (`model.unstack_layers`), as the sample CLI does once per process.
+
+Each row prints the rate the stored weights are read at (tokens/s / batch x their bytes) against the machine's
+STREAM bandwidth, and the bytes one compiled decode step moves by XLA's cost analysis. --weights adds rows with
+the matrices stored narrow (`gptjax.quantize`); --quality_workdir scores those on a trained model: greedy
+continuations of the --quality_data documents' first tokens against float32's, and the perplexity of the text.
 """
 
 import functools
@@ -23,7 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks.common import median, report, stream_gbs, time_calls
-from gptjax import config as config_lib, generate, metrics
+from gptjax import config as config_lib, evaluate, generate, loader, metrics, quantize
 from gptjax.model import GPT, GPTConfig, count_params, unstack_layers
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (rows decoded together).")
@@ -32,6 +38,10 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 100, "Tokens generated per row.
 _BASELINE_TOKENS = flags.DEFINE_integer("baseline_tokens", 20, "Tokens per row for the full-recompute baseline.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (after one warm-up call).")
 _PEER = flags.DEFINE_bool("peer", False, "Also time transformers' GPT2LMHeadModel.generate in this run.")
+_WEIGHTS = flags.DEFINE_list("weights", ["float32", "bfloat16", "int8"], "Stored weights to time (float32 = as is).")
+_QUALITY_WORKDIR = flags.DEFINE_string("quality_workdir", None, "A trained run or export to score narrow weights on.")
+_QUALITY_DATA = flags.DEFINE_string("quality_data", None, "Held-out text for --quality_workdir (documents: lines).")
+_QUALITY_PROMPTS = flags.DEFINE_integer("quality_prompts", 32, "Documents whose first 16 tokens are continued.")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens"))
@@ -53,6 +63,49 @@ def _full_recompute(params, prompt_BP, graphdef, new_tokens):
 def _tokens_per_sec(fn, rows, new_tokens, repeats):
   fn()  # compiles
   return rows * new_tokens / median(time_calls(fn, repeats))
+
+
+def _as_api(weights: str) -> str:
+  return "" if weights == "float32" else weights
+
+
+def step_bytes(params, graphdef, prompt_BP, new_tokens, widen_each_step) -> float:
+  """Bytes one step of the compiled decode loop reads and writes, by XLA's cost analysis (the loop body's)."""
+  B, prompt_len = prompt_BP.shape
+  cache_len = generate.bucket(prompt_len + new_tokens, 2 * nnx.merge(graphdef, quantize.dequantize(params)).cfg.block_size)
+  state = generate._prefill(params, prompt_BP, np.zeros(B, np.int32), jax.random.split(jax.random.key(0), B),  # pylint: disable=protected-access
+                            np.zeros(B, bool), 0, graphdef, cache_len, None)
+  compiled = generate._decode.lower(params, state, np.int32(1), graphdef, generate.Sampling(temperature=0),  # pylint: disable=protected-access
+                                    widen_each_step).compile()
+  cost = compiled.cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["bytes accessed"])
+
+
+def quality(rows):
+  """Greedy agreement with float32 and perplexity on --quality_data, per narrow weights, on a trained model."""
+  model = loader.load_model(_QUALITY_WORKDIR.value)
+  from gptjax import data
+  texts = [text for text, _ in data.open_corpus(_QUALITY_DATA.value).documents()]
+  lines = [line for text in texts for line in text.splitlines() if len(model.tokenizer.encode(line)) >= 16]
+  prompts = [model.tokenizer.encode(line)[:16] for line in lines[:_QUALITY_PROMPTS.value]]
+  new = 64
+  result = {}
+  reference, reference_loss = None, None
+  for weights in _WEIGHTS.value:
+    ids = generate.generate_batch(model.params, model.graphdef, prompts, new, generate.Sampling(temperature=0),
+                                  weights=_as_api(weights))
+    scored = evaluate.evaluate_texts(model.params, model.graphdef, model.tokenizer, texts, weights=_as_api(weights))
+    if reference is None:
+      reference, reference_loss = ids, scored["loss"]
+    agree = float(np.mean(ids == reference))
+    ppl_change = scored["perplexity"] / np.exp(reference_loss) - 1
+    result[weights] = {"greedy_agreement": agree, "perplexity": scored["perplexity"], "perplexity_change": ppl_change}
+    rows.append((f"quality {weights}", f"greedy tokens equal to float32's: {agree:.1%} ({len(prompts)} x {new}) | "
+                                       f"perplexity {scored['perplexity']:.3f} ({ppl_change:+.2%}) on "
+                                       f"{scored['tokens']} tokens"))
+  rows.append(("quality model", f"{_QUALITY_WORKDIR.value} (step {model.step}, "
+                                f"{metrics.format_count(count_params(model.params))} params), {_QUALITY_DATA.value}"))
+  return result
 
 
 def time_peer(model_cfg, prompt_BP, new_tokens, repeats):
@@ -84,34 +137,49 @@ def main(argv):
                     f"{model_cfg.dtype}, random weights"),
           ("decoding", f"greedy, {_PROMPT_TOKENS.value}-token prompt + {new} new tokens"),
           ("devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}")]
-  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decode_params))
+  stored = {w: quantize.quantize(decode_params, _as_api(w)) for w in _WEIGHTS.value}
+  float_bytes = quantize.weight_bytes(decode_params)
   stream = stream_gbs()
-  rows.append(("memory bandwidth", f"{stream:.1f} GB/s (STREAM triad, 256 MiB arrays); weights "
-                                   f"{weight_bytes / 2**20:.0f} MiB"))
-  result = {"new_tokens": new, "tokens_per_sec": {}, "baseline_tokens_per_sec": {}, "stream_gbs": stream,
-            "weight_bytes": weight_bytes, "weights_read_gbs": {}}
+  rows.append(("memory bandwidth", f"{stream:.1f} GB/s (STREAM triad, 256 MiB arrays); weights " +
+               ", ".join(f"{w} {quantize.weight_bytes(p) / 2**20:.0f} MiB" for w, p in stored.items())))
+  result = {"new_tokens": new, "stream_gbs": stream, "weight_bytes": float_bytes, "baseline_tokens_per_sec": {},
+            "by_weights": {w: {"weight_bytes": quantize.weight_bytes(p), "tokens_per_sec": {}, "weights_read_gbs": {},
+                               "step_bytes": {}} for w, p in stored.items()}}
   if _PEER.value:
     result.update(peer_tokens_per_sec={}, peer_ratio={})
   for batch in map(int, _BATCHES.value):
     prompt_BP = np.random.RandomState(batch).randint(0, 50257, (batch, _PROMPT_TOKENS.value)).astype(np.int32)
-    ours = _tokens_per_sec(lambda: generate.generate_batch(decode_params, decode_graphdef, prompt_BP, new,
-                                                           generate.Sampling(temperature=0)), batch, new, repeats)
     baseline = _tokens_per_sec(
         lambda: _full_recompute(params, prompt_BP, graphdef, _BASELINE_TOKENS.value).block_until_ready(), batch,
         _BASELINE_TOKENS.value, 1)
-    result["tokens_per_sec"][batch] = ours
-    # Each decoding step reads every weight once (the KV cache of <= 108 positions is <1% of that).
-    weights_gbs = ours / batch * weight_bytes / 1e9
-    result["weights_read_gbs"][batch] = weights_gbs
     result["baseline_tokens_per_sec"][batch] = baseline
-    line = (f"{ours:.1f} tokens/s | weights read at {weights_gbs:.1f} GB/s ({weights_gbs / stream:.0%} of stream) | "
-            f"full recompute {baseline:.1f} ({ours / baseline:.1f}x)")
+    peer = None
     if _PEER.value:
       peer, torch_version = time_peer(model_cfg, prompt_BP, new, repeats)
       result["peer_tokens_per_sec"][batch] = peer
-      result["peer_ratio"][batch] = ours / peer
-      line += f" | transformers {peer:.1f} (torch {torch_version}) -> peer_ratio {ours / peer:.2f}"
-    rows.append((f"batch {batch}", line))
+      rows.append((f"batch {batch} peers", f"transformers {peer:.1f} tokens/s (torch {torch_version}) | our full "
+                                           f"recompute {baseline:.1f}"))
+    for weights, stored_params in stored.items():
+      ours = _tokens_per_sec(lambda: generate.generate_batch(stored_params, decode_graphdef, prompt_BP, new,
+                                                             generate.Sampling(temperature=0),
+                                                             weights=None), batch, new, repeats)
+      numbers = result["by_weights"][weights]
+      numbers["tokens_per_sec"][batch] = ours
+      # A decoding step reads every stored weight once (the KV cache of <= 108 positions is <1% of that).
+      read_gbs = ours / batch * numbers["weight_bytes"] / 1e9
+      numbers["weights_read_gbs"][batch] = read_gbs
+      widen = quantize.is_narrow(stored_params) and jax.default_backend() != "cpu"
+      numbers["step_bytes"][batch] = step_bytes(stored_params, decode_graphdef, prompt_BP, new, widen)
+      line = (f"{ours:.1f} tokens/s ({ours / result['by_weights'][_WEIGHTS.value[0]]['tokens_per_sec'][batch]:.2f}x "
+              f"{_WEIGHTS.value[0]}) | weights read at {read_gbs:.1f} GB/s ({read_gbs / stream:.0%} of stream) | "
+              f"a step moves {numbers['step_bytes'][batch] / 2**20:.0f} MiB "
+              f"({numbers['step_bytes'][batch] / numbers['weight_bytes']:.2f}x the weights)")
+      if peer:
+        line += f" | {ours / peer:.2f}x transformers"
+        result["peer_ratio"][f"{weights}/{batch}"] = ours / peer
+      rows.append((f"batch {batch} {weights}", line))
+  if _QUALITY_WORKDIR.value:
+    result["quality"] = quality(rows)
   report(rows, result)
 
 

@@ -1,6 +1,6 @@
 """Loss, perplexity and bits per byte of a model on text files; or a fine-tuned model's task metrics on a file.
 
-  python -m gptjax.evaluate --workdir=runs/small --data='corpus/test/*.txt' [--step=N] [--batch_size=8]
+  python -m gptjax.evaluate --workdir=runs/small --data='corpus/test/*.txt' [--step=N] [--batch_size=8] [--weights=int8]
   python -m gptjax.evaluate --workdir=runs/ner --data=test.txt [--out=DIR] [--base=BASE]   (fine-tuned)
 
 `--workdir` is a run directory (its latest checkpoint) or an exported model; `--data` is a file, a directory, a
@@ -28,14 +28,14 @@ from absl import app, flags
 from flax import nnx
 from tqdm import tqdm
 
-from gptjax import cli
+from gptjax import cli, quantize
 from gptjax.data import DataError
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _token_nll(params, tokens_BT1, graphdef):
   """Negative log-likelihood (nats, float32) of each target tokens[:, 1:] given the tokens before it."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, quantize.dequantize(params))
   logits_BTV = model.logits(model(tokens_BT1[:, :-1]))
   targets_BT = tokens_BT1[:, 1:]
   return jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
@@ -64,9 +64,11 @@ def token_windows(tokenizer, texts: Iterable[str], window: int) -> tuple[np.ndar
 
 
 def evaluate_texts(params, graphdef, tokenizer, texts: Iterable[str], batch_size: int = 8,
-                   progress: bool = False) -> dict:
-  """{loss, perplexity, bits_per_byte, tokens, bytes} of the model on the texts (see the module docstring)."""
+                   progress: bool = False, weights: str | None = None) -> dict:
+  """{loss, perplexity, bits_per_byte, tokens, bytes} of the model on the texts (see the module docstring);
+  `weights` ('bfloat16', 'int8') scores the model with its matrices stored narrow, as `gptjax.sample` decodes."""
   cfg = nnx.merge(graphdef, params).cfg
+  params = quantize.quantize(params, weights)
   windows, scored, n_bytes = token_windows(tokenizer, texts, cfg.block_size)
   n_tokens = int(scored.sum())
   if n_tokens == 0:
@@ -93,6 +95,8 @@ def main(argv):
   if paths.path(os.path.join(f.workdir, "finetuned", store.TASK_FILE)).exists():  # a fine-tuned task model
     if len(f.data) != 1:
       raise app.UsageError("a fine-tuned model scores one file in its task's format: pass one --data file.")
+    if f.weights:
+      raise app.UsageError("--weights scores a language model; a fine-tuned task model is evaluated as trained.")
     out = f.out or os.path.join(f.workdir, "eval-" + os.path.basename(f.data[0]))
     report = finetune_job.evaluate_file(f.workdir, f.data[0], out, base=f.base)
     print(f"wrote {out}/report.json and predictions.jsonl")
@@ -100,7 +104,8 @@ def main(argv):
     return
   loaded = loader.load_model(f.workdir, step=f.step)
   texts = [text for path in f.data for text, _ in data.open_corpus(path).documents()]
-  result = evaluate_texts(loaded.params, loaded.graphdef, loaded.tokenizer, texts, f.batch_size, progress=True)
+  result = evaluate_texts(loaded.params, loaded.graphdef, loaded.tokenizer, texts, f.batch_size, progress=True,
+                          weights=f.weights)
   print(f"step {loaded.step} of {f.workdir}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
         f"{result['bits_per_byte']:.4f} bits/byte | {result['tokens']} tokens, {result['bytes']} bytes")
   print(json.dumps(result))
@@ -112,6 +117,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("data", None, "Text to score: files, directories or globs, comma-separated.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable one).")
   flags.DEFINE_integer("batch_size", 8, "Windows of block_size tokens scored per batch.")
+  flags.DEFINE_enum("weights", "", ["", "bfloat16", "int8"],
+                    "Score with the weight matrices stored narrow, as `gptjax.sample --weights` decodes.")
   flags.DEFINE_string("out", None, "Fine-tuned models: directory for report.json and predictions.jsonl "
                       "(default <workdir>/eval-<data file name>).")
   flags.DEFINE_string("base", None, "Fine-tuned LoRA models: the base to put the adapters on (default: the one "

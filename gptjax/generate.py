@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gptjax import config as config_lib, sharding
+from gptjax import config as config_lib, quantize, sharding
 from gptjax.model import LayerCache, unstack_layers
 
 # Prompt and cache lengths are rounded up to powers of two from here: few shapes, so few compilations.
@@ -92,7 +92,7 @@ class DecodeState(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "placement"))
 def _prefill(params, prompt_BP, pad_B, keys_B, done_B, drawn, graphdef, cache_len, placement) -> DecodeState:
   """Runs left-padded prompts into a fresh cache of cache_len slots (placed as `placement`, if given)."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, quantize.dequantize(params))
   B, prompt_len = prompt_BP.shape
   cache = model.init_cache(B, cache_len)
   if placement is not None:
@@ -105,10 +105,14 @@ def _prefill(params, prompt_BP, pad_B, keys_B, done_B, drawn, graphdef, cache_le
                      keys_B, jnp.asarray(drawn, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="state")
-def _decode(params, state: DecodeState, num_tokens, graphdef, sampling: Sampling) -> DecodeState:
-  """Draws up to num_tokens tokens per row; stops early when the cache is full or every row has ended."""
-  model = nnx.merge(graphdef, params)
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "widen_each_step"), donate_argnames="state")
+def _decode(params, state: DecodeState, num_tokens, graphdef, sampling: Sampling,
+            widen_each_step: bool = False) -> DecodeState:
+  """Draws up to num_tokens tokens per row; stops early when the cache is full or every row has ended.
+
+  Narrow weights (`quantize`) are widened once per call, or with widen_each_step inside every step, where the
+  backend fuses the widening into the matmuls (see `quantize.widen_each_step`)."""
+  model = nnx.merge(graphdef, quantize.dequantize(params))
   end = jnp.minimum(state.index + num_tokens, state.tokens_BS.shape[1])
 
   def running(state):
@@ -122,9 +126,10 @@ def _decode(params, state: DecodeState, num_tokens, graphdef, sampling: Sampling
       token_B = jnp.where(done_B, sampling.eos_id, token_B)
       done_B = done_B | (token_B == sampling.eos_id)
     tokens_BS = jax.lax.dynamic_update_slice_in_dim(state.tokens_BS, token_B[:, None], state.index, axis=1)
-    h_B1D, cache = model.extend(token_B[:, None], state.cache, state.index, state.pad_B)
+    step_model = nnx.merge(graphdef, quantize.widen_each_step(params, state.index)) if widen_each_step else model
+    h_B1D, cache = step_model.extend(token_B[:, None], state.cache, state.index, state.pad_B)
     return state._replace(cache=cache, tokens_BS=tokens_BS, index=state.index + 1,
-                          logits_BV=model.logits(h_B1D)[:, 0], done_B=done_B, drawn=state.drawn + 1)
+                          logits_BV=step_model.logits(h_B1D)[:, 0], done_B=done_B, drawn=state.drawn + 1)
 
   return jax.lax.while_loop(running, step, state)
 
@@ -154,13 +159,14 @@ def _mesh(params):
 
 
 def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-           seed: int = 0, num_samples: int = 1, chunk_tokens: int = 0,
-           rules=config_lib.DEFAULT_RULES) -> Iterator[np.ndarray]:
+           seed: int = 0, num_samples: int = 1, chunk_tokens: int = 0, rules=config_lib.DEFAULT_RULES,
+           weights: str | None = None) -> Iterator[np.ndarray]:
   """Continues each prompt num_samples times, yielding the new tokens [rows, n] of each chunk as it is decoded.
 
   Rows are prompt-major (row r continues prompts[r // num_samples]); a chunk holds at most chunk_tokens tokens
   (0 = everything in one chunk); decoding ends after max_new_tokens tokens or when every row has drawn eos_id.
-  Parameters placed on a mesh (by `rules`) keep their placement; the cache follows the same rules.
+  Parameters placed on a mesh (by `rules`) keep their placement; the cache follows the same rules. `weights`
+  ('bfloat16', 'int8') stores the matrices narrow for this call (`quantize`); params may also come quantized.
   """
   if max_new_tokens < 0 or chunk_tokens < 0 or num_samples < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} and chunk_tokens={chunk_tokens} must be >= 0 and "
@@ -169,6 +175,8 @@ def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: i
     return
   graphdef, params = unstack_layers(graphdef, params)
   cfg = nnx.merge(graphdef, params).cfg
+  params = quantize.quantize(params, weights)
+  widen_each_step = quantize.is_narrow(params) and (cfg.platform or jax.default_backend()) != "cpu"
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
       raise ValueError(f"prompt {i} is empty; start it with the tokenizer's eos_id to generate from nothing.")
@@ -203,7 +211,8 @@ def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: i
                        graphdef, cache_len, placement)
       index = keep
       room = min(cfg.block_size + int(pad_B.min()) - index, cache_len - index)
-    state = _decode(params, state, np.int32(min(remaining, chunk_tokens, room)), graphdef, sampling)
+    state = _decode(params, state, np.int32(min(remaining, chunk_tokens, room)), graphdef, sampling,
+                    widen_each_step)
     start = index
     index, tokens_BS, done_B = jax.device_get((state.index, state.tokens_BS, state.done_B))
     remaining -= index - start
@@ -214,9 +223,10 @@ def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
 def generate_batch(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    sampling: Sampling = Sampling(), seed: int = 0, num_samples: int = 1,
-                   rules=config_lib.DEFAULT_RULES) -> np.ndarray:
+                   rules=config_lib.DEFAULT_RULES, weights: str | None = None) -> np.ndarray:
   """`stream` in one piece: the new tokens [rows, n]; n < max_new_tokens only when every row drew eos_id."""
-  chunks = list(stream(params, graphdef, prompts, max_new_tokens, sampling, seed, num_samples, rules=rules))
+  chunks = list(stream(params, graphdef, prompts, max_new_tokens, sampling, seed, num_samples, rules=rules,
+                       weights=weights))
   return np.concatenate(chunks, axis=1) if chunks else np.zeros((len(prompts) * num_samples, 0), np.int32)
 
 
@@ -238,7 +248,8 @@ def _held_back(text: str, stop: Sequence[str]) -> int:
 
 def stream_text(params, graphdef, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                 sampling: Sampling = Sampling(), seed: int = 0, num_samples: int = 1, chunk_tokens: int = 16,
-                stop: Sequence[str] = (), rules=config_lib.DEFAULT_RULES) -> Iterator[tuple[list[str], int]]:
+                stop: Sequence[str] = (), rules=config_lib.DEFAULT_RULES,
+                weights: str | None = None) -> Iterator[tuple[list[str], int]]:
   """`stream` for text: yields (each row's new text, tokens decoded per row so far) per chunk.
 
   A row ends at eos_id or before the first stop string. An empty prompt starts from end-of-text. Text that a
@@ -265,7 +276,8 @@ def stream_text(params, graphdef, tokenizer, prompts: Sequence[str], max_new_tok
     return out
 
   decoded = 0
-  for chunk_BN in stream(params, graphdef, ids, max_new_tokens, sampling, seed, num_samples, chunk_tokens, rules):
+  for chunk_BN in stream(params, graphdef, ids, max_new_tokens, sampling, seed, num_samples, chunk_tokens, rules,
+                         weights):
     decoded += chunk_BN.shape[1]
     for b, row in enumerate(chunk_BN):
       if not ended[b]:
@@ -281,10 +293,10 @@ def stream_text(params, graphdef, tokenizer, prompts: Sequence[str], max_new_tok
 
 def generate_text(params, graphdef, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                   sampling: Sampling = Sampling(), seed: int = 0, num_samples: int = 1, stop: Sequence[str] = (),
-                  rules=config_lib.DEFAULT_RULES) -> list[str]:
+                  rules=config_lib.DEFAULT_RULES, weights: str | None = None) -> list[str]:
   """`stream_text` in one piece: each row's continuation (without its prompt)."""
   texts = [""] * (len(prompts) * num_samples)
   for deltas, _ in stream_text(params, graphdef, tokenizer, prompts, max_new_tokens, sampling, seed, num_samples,
-                               chunk_tokens=0, stop=stop, rules=rules):
+                               chunk_tokens=0, stop=stop, rules=rules, weights=weights):
     texts = [t + d for t, d in zip(texts, deltas)]
   return texts

@@ -2,6 +2,7 @@
 
   python -m gptjax.sample --workdir=runs/quickstart --prompt="The " [--max_new_tokens=200] [--greedy]
   python -m gptjax.sample --workdir=exports/small --prompt_file=prompts.txt --num_samples=3 --top_p=0.9
+  python -m gptjax.sample --workdir=hf:gpt2 --prompt="The " --weights=int8
 
 Standard output carries only text (each prompt followed by its continuation), so it can be piped; progress and
 speed go to standard error. One sample is printed as it is decoded; several are printed in order when the batch
@@ -30,13 +31,16 @@ _GREEDY = flags.DEFINE_bool("greedy", False, "Always take the most likely token 
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same text.")
 _STOP = flags.DEFINE_multi_string("stop", [], "End a continuation before this string (repeat for several).")
 _CHUNK_TOKENS = flags.DEFINE_integer("chunk_tokens", 8, "Tokens decoded between two prints.")
+_WEIGHTS = flags.DEFINE_enum("weights", "", ["", "bfloat16", "int8"],
+                             "Store the weight matrices narrow while decoding: fewer bytes read per token "
+                             "(int8: per-channel scales); '' = as stored.")
 
 SEPARATOR = "\n" + "-" * 15 + "\n"
 
 
 def main(argv):
   del argv
-  from gptjax import generate, loader, paths
+  from gptjax import generate, loader, paths, quantize
   cli.quiet_libraries()
   if _PROMPT_FILE.value:
     with paths.open_text(_PROMPT_FILE.value) as f:
@@ -52,10 +56,13 @@ def main(argv):
   live = len(rows) == 1  # one sample is printed as it comes; several would interleave
   if live:
     print(rows[0], end="", flush=True)
-  print(f"step {loaded.step} of {_WORKDIR.value}: {len(rows)} x {_MAX_NEW_TOKENS.value} tokens", file=sys.stderr)
+  params = quantize.quantize(loaded.params, _WEIGHTS.value)
+  weights = f" | weights {_WEIGHTS.value} ({quantize.weight_bytes(params) / 2**20:.1f} MiB)" if _WEIGHTS.value else ""
+  print(f"step {loaded.step} of {_WORKDIR.value}: {len(rows)} x {_MAX_NEW_TOKENS.value} tokens{weights}",
+        file=sys.stderr)
   bar = tqdm(total=_MAX_NEW_TOKENS.value, desc="sample", unit="token", disable=live, file=sys.stderr)
   start, decoded = time.perf_counter(), 0
-  for deltas, decoded in generate.stream_text(loaded.params, loaded.graphdef, tokenizer, prompts,
+  for deltas, decoded in generate.stream_text(params, loaded.graphdef, tokenizer, prompts,
                                               _MAX_NEW_TOKENS.value, sampling, _SEED.value, _NUM_SAMPLES.value,
                                               _CHUNK_TOKENS.value, _STOP.value):
     texts = [t + d for t, d in zip(texts, deltas)]

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax import attention, config as config_lib, generate, plan, sharding, tpu, train
+from gptjax import attention, config as config_lib, generate, plan, quantize, sharding, tpu, train
 from gptjax.finetune import tasks
 from gptjax.model import GPTConfig
 
@@ -185,14 +185,21 @@ DECODE = [(name, target) for name in BASES for target in TARGETS
           if not (target == "v5p-16" and name in ("gpt2_small", "gpt2_medium", "gpt2_large"))]
 
 
-@pytest.mark.parametrize("name, target", DECODE, ids=[f"{n}-{t}" for n, t in DECODE])
-def test_decode_steps_build(name, target):
-  """Prefill and the decode loop, with the unstacked layers `generate.stream` decodes with, as the loop samples."""
+def _decode_programs(name: str, target: str, weights: str | None = None) -> tuple[str, str]:
+  """Prefill and the decode loop as `generate.stream` runs them (unstacked layers, matrices stored as `weights`),
+  for the loop's samples; their programs' text."""
   config = _config(name, target)
   mesh = sharding.make_mesh(config, _devices(target))
   model_cfg = dataclasses.replace(_model(config, mesh, target), scan_layers=False)
   graphdef, abstract = train.abstract_model(model_cfg)
-  params = _placed(nnx.to_pure_dict(abstract), sharding.state_shardings(abstract, config.mesh.rules, mesh))
+  narrow = jax.eval_shape(lambda p: quantize.quantize(p, weights), nnx.to_pure_dict(abstract))
+
+  def place(a, s):  # a narrow matrix keeps its float placement; an int8 scale is small and replicated
+    if isinstance(a, quantize.Int8):
+      return quantize.Int8(*_placed((a.q, a.scale), (s, sharding.replicated(mesh))))
+    return _placed(a, s)
+  params = jax.tree.map(place, narrow, sharding.state_shardings(abstract, config.mesh.rules, mesh),
+                        is_leaf=lambda a: isinstance(a, quantize.Int8))
   B = TARGETS[target][0] * TARGETS[target][1]
   prompt_len = generate.bucket(1, model_cfg.block_size)  # a short prompt, as the loop's samples
   cache_len = generate.bucket(prompt_len + config.log.sample_tokens, 2 * model_cfg.block_size)
@@ -204,11 +211,26 @@ def test_decode_steps_build(name, target):
   args = (params, prompt, row(np.int32), jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows), row(bool), 0)
   statics = dict(graphdef=graphdef, cache_len=cache_len, placement=placement)
   prefill, decode = generate._prefill, generate._decode  # pylint: disable=protected-access  # what stream runs
-  _build(name, "prefill", target, prefill, *args, **statics)
   state = jax.eval_shape(lambda *a: prefill(*a, **statics), *args)
-  _build(name, "decode loop", target, decode, params, state, np.int32(1), graphdef=graphdef,
-         sampling=generate.Sampling(temperature=0.8, top_k=200, top_p=0.95))
+  return (_build(name, "prefill", target, prefill, *args, **statics),
+          _build(name, "decode loop", target, decode, params, state, np.int32(1), graphdef=graphdef,
+                 sampling=generate.Sampling(temperature=0.8, top_k=200, top_p=0.95),
+                 widen_each_step=quantize.is_narrow(params)))
 
+
+@pytest.mark.parametrize("name, target", DECODE, ids=[f"{n}-{t}" for n, t in DECODE])
+def test_decode_steps_build(name, target):
+  _decode_programs(name, target)
+
+
+# One chip and the sharded CUDA mesh (int8 on the v5p-16 FSDP slice compiled too, 8 s, when this was written).
+@pytest.mark.parametrize("target", ["v5e-1", "cuda-3d"])
+@pytest.mark.parametrize("weights", quantize.WEIGHTS)
+def test_narrow_weight_decoding_builds(weights, target):
+  """bfloat16 and int8 weights (`sample --weights`), widened inside each decode step as TPU and GPU run them."""
+  program = _decode_programs("quickstart", target, weights)[1]
+  if not _is_tpu(target):
+    assert ("i8" if weights == "int8" else "bf16") in program
 
 
 @pytest.mark.parametrize("head_dim", [32, 48, 64, 80])

@@ -104,15 +104,19 @@ def run(tmp_path_factory):
 def test_cli_prints_the_result_as_json_last(run):
   from gptjax import loader
   result = subprocess.run([sys.executable, "-m", "gptjax.evaluate", f"--workdir={run / 'run'}",
-                           f"--data={run / 'held_out.txt'}", "--batch_size=4"],
+                           f"--data={run / 'held_out.txt'}", "--batch_size=4", "--weights=int8"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   printed = json.loads(result.stdout.strip().splitlines()[-1])
   loaded = loader.load_model(str(run / "run"))
-  expected = evaluate.evaluate_texts(loaded.params, loaded.graphdef, loaded.tokenizer,
-                                     [(run / "held_out.txt").read_text()])
+  score = lambda weights: evaluate.evaluate_texts(loaded.params, loaded.graphdef, loaded.tokenizer,
+                                                  [(run / "held_out.txt").read_text()], weights=weights)
+  expected, float32 = score("int8"), score(None)
   assert printed["tokens"] == expected["tokens"] and printed["bytes"] == expected["bytes"]
   np.testing.assert_allclose(printed["loss"], expected["loss"], rtol=1e-5)
+  # --weights=int8 is what ran: not float32's loss, and within 3% of its perplexity.
+  assert printed["loss"] != float32["loss"]
+  assert abs(printed["perplexity"] / float32["perplexity"] - 1) < 0.03
   assert printed["loss"] < math.log(loaded.model_cfg.vocab_size) - 1  # trained: well below uniform
   assert "evaluate" in result.stderr  # the progress bar
 
@@ -128,6 +132,7 @@ def test_sample_cli_streams_the_library_text(run):
                              "--max_new_tokens=24", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokens/s" in result.stderr
+    assert ("| weights int8 (" in result.stderr) == ("--weights=int8" in flags)
     return result.stdout
 
   sampling = generate.Sampling(0.8, 200, 0.9, vocab_limit=tok.vocab_size, eos_id=tok.eos_id)
@@ -135,5 +140,8 @@ def test_sample_cli_streams_the_library_text(run):
   first = sample("--seed=5", "--top_p=0.9")
   assert first == "the quick" + expected[0] + "\n"
   assert sample("--seed=5", "--top_p=0.9", "--chunk_tokens=3") == first  # same seed, same text
+  narrow = generate.generate_text(loaded.params, loaded.graphdef, tok, ["the quick"], 24, sampling, seed=5,
+                                  weights="int8")
+  assert sample("--seed=5", "--top_p=0.9", "--weights=int8") == "the quick" + narrow[0] + "\n"
   two = sample("--seed=5", "--top_p=0.9", "--num_samples=2")
   assert two.startswith(first[:-1] + "\n---------------\nthe quick")  # a sample does not depend on the others
