@@ -1,0 +1,181 @@
+"""What one compiled train step executes, and how long each kind of operation takes (a per-thunk profile).
+
+  python benchmarks/step_anatomy.py --config=configs/shakespeare_char.py
+  python benchmarks/step_anatomy.py --config=configs/gpt2_small.py --batch=8 --seq=128
+
+The step is the one `python -m gptjax.main` runs (`train.make_train_step`, the config's optimizer and model). It is
+timed over --steps calls, then --trace_steps calls run under `jax.profiler`: XLA:CPU records every thunk it executes
+(a fusion, a dot, a copy, ...) under the instruction's name, which the compiled program's text maps to its kind and
+to the line of gptjax that produced it. Printed: thunks per step and their time by kind and by part of the step
+(model forward / backward, LM head + loss, optimizer, the step's own bookkeeping). While loops and conditionals
+are containers: their time is their thunks'.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from benchmarks.common import median, report, time_calls
+from gptjax import config as config_lib, sharding, train
+from gptjax.model import GPTConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Model and optimizer config.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Sequences per step (0 = the config's train.batch_size).")
+_SEQ = flags.DEFINE_integer("seq", 0, "Tokens per sequence (0 = the config's block_size).")
+_VOCAB = flags.DEFINE_integer("vocab", 0, "Vocabulary (0 = the config's data.vocab_size; 65 for a char config).")
+_STEPS = flags.DEFINE_integer("steps", 100, "Timed steps (after 10 warm-up steps).")
+_TRACE_STEPS = flags.DEFINE_integer("trace_steps", 10, "Steps run under the profiler.")
+_TOP = flags.DEFINE_integer("top", 0, "Also print the N instructions that take the most time, with their op names.")
+
+_NAME = re.compile(r"^\s+(?:ROOT )?%(\S+) = ")
+_OPCODE = re.compile(r"[\]})] ([a-z][a-z0-9-]*)\(")  # after the result type: f32[..]{layout}, (tuple), ...
+CONTAINERS = {"while", "conditional", "call"}
+
+
+def _frames(hlo: str) -> dict[int, str]:
+  """stack_frame_id -> 'file.py:function' of the innermost gptjax frame, from the program text's tables."""
+  tables = {name: {} for name in ("FileNames", "FunctionNames", "FileLocations", "StackFrames")}
+  section = None
+  for line in hlo.splitlines():
+    key, _, value = line.partition(" ")
+    if line in tables:
+      section = tables[line]
+    elif section is not None and key.isdigit():
+      section[int(key)] = value
+    else:
+      section = None
+  locations = {}
+  for key, value in tables["FileLocations"].items():
+    file_id = int(re.search(r"file_name_id=(\d+)", value).group(1))
+    function_id = int(re.search(r"function_name_id=(\d+)", value).group(1))
+    file = os.path.basename(tables["FileNames"].get(file_id, '""').strip('"'))
+    locations[key] = f"{file}:{tables['FunctionNames'].get(function_id, '?').strip(chr(34))}"
+  return {key: locations.get(int(re.search(r"file_location_id=(\d+)", value).group(1)), "?")
+          for key, value in tables["StackFrames"].items()}
+
+
+def _instructions(hlo: str) -> dict[str, tuple[str, str, str]]:
+  """instruction name -> (kind, part of the step, its source line and op name) for every instruction."""
+  frames = _frames(hlo)
+  out = {}
+  for line in hlo.splitlines():
+    name = _NAME.match(line)
+    opcode = name and _OPCODE.search(line, name.end() - 1)
+    if not opcode:
+      continue
+    name, opcode = name.group(1), opcode.group(1)
+    fusion_kind, op_name, frame = (m and m.group(1) for m in (re.search(r"kind=(k\w+)", line),
+                                                               re.search(r'op_name="([^"]*)"', line),
+                                                               re.search(r"stack_frame_id=(\d+)", line)))
+    if opcode == "fusion":
+      dot = any(library in line for library in ("__ynn_fusion", "__onednn", "__xnn"))
+      kind = "dot (library fusion)" if dot else {"kLoop": "fusion: elementwise", "kInput": "fusion: reduction",
+                                                 "kOutput": "fusion: output"}.get(fusion_kind, "fusion: other")
+    elif opcode in ("dot", "custom-call"):
+      kind = "dot" if opcode == "dot" else "custom-call"
+    elif opcode in ("copy", "transpose"):
+      kind = "copy / transpose"
+    elif opcode in CONTAINERS:
+      kind = "container"
+    else:
+      kind = opcode
+    where = frames.get(int(frame), "?") if frame else "?"
+    out[name] = (kind, _part(op_name or "", where), f"{where} {op_name or ''}")
+  return out
+
+
+def _part(op_name: str, where: str) -> str:
+  """Which part of the step an instruction belongs to, from the gptjax line that produced it (XLA-made layout ops
+  carry only the op name, which says forward or backward)."""
+  file, _, function = where.partition(":")
+  function = function.rsplit(".", 1)[-1]
+  if file == "losses.py":
+    return "LM head + loss"
+  if "/cond/" in op_name or function in ("apply_update", "schedule"):
+    return "optimizer (AdamW, schedule; under the finite guard)"
+  if file == "train.py":
+    return "step bookkeeping (grad norm, finite guard, counters)"
+  if file in ("model.py", "attention.py", "sharding.py") or (file == "?" and "jvp(" in op_name):
+    return "model backward" if "transpose(" in op_name else "model forward"
+  return "other"
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  config.mesh.update(data=-1, fsdp=1, tensor=1)
+  batch = _BATCH.value or config.train.batch_size
+  seq = _SEQ.value or config.model.block_size
+  vocab = config_lib.check_vocab(config, _VOCAB.value or (65 if config.data.tokenizer == "char"
+                                                          else config.data.vocab_size))
+  model_cfg = GPTConfig.from_config(config.model, vocab)
+  mesh = sharding.make_mesh(config)
+  tx = train.make_optimizer(config)
+  graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, vocab, (1, batch, seq + 1)), jnp.int32)
+  compiled = step.lower(state, tokens).compile()
+  instructions = _instructions(compiled.as_text())
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], tokens)
+    jax.block_until_ready(metrics)
+  for _ in range(10):
+    run()
+  step_seconds = median(time_calls(run, _STEPS.value))
+
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(_TRACE_STEPS.value):
+      run()
+    jax.profiler.stop_trace()
+    trace = sorted(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")))[-1]
+    with gzip.open(trace, "rt") as f:
+      events = json.load(f)["traceEvents"]
+  n = _TRACE_STEPS.value
+  by_kind, by_part = collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
+  by_name = collections.defaultdict(lambda: [0, 0.0])
+  for event in events:
+    if event.get("ph") != "X" or event["name"] not in instructions:
+      continue
+    kind, part, _ = instructions[event["name"]]
+    if kind == "container":
+      continue
+    for table, key in ((by_kind, kind), (by_part, part), (by_name, event["name"])):
+      table[key][0] += 1
+      table[key][1] += event.get("dur", 0) / 1e6
+  thunks = sum(count for count, _ in by_kind.values()) / n
+  busy = sum(seconds for _, seconds in by_kind.values()) / n  # summed over the threads that run thunks
+  rows = [("step", f"{config.model.n_layer}L {config.model.n_embd}D vocab {vocab}, batch {batch} x {seq}, "
+                   f"{config.model.dtype}, scan={config.model.scan_layers}, remat={config.model.remat}"),
+          ("median step", f"{step_seconds * 1e3:.2f} ms over {_STEPS.value} steps"),
+          ("thunks per step", f"{thunks:.0f}, {busy * 1e3:.2f} ms inside them (traced, summed over threads: "
+                              f"independent thunks run at once)")]
+  for title, table in (("kind", by_kind), ("part", by_part)):
+    for key, (count, seconds) in sorted(table.items(), key=lambda kv: -kv[1][1]):
+      rows.append((f"{title}: {key}", f"{count / n:6.0f} thunks  {seconds / n * 1e3:8.2f} ms  "
+                                      f"{seconds / n / busy:6.1%} of thunk time  "
+                                      f"{seconds / count * 1e6:7.1f} us each"))
+  for name, (count, seconds) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:_TOP.value]:
+    rows.append((f"top: {name}", f"{seconds / n * 1e3:6.2f} ms x{count / n:.0f}  {instructions[name][2][:150]}"))
+  report(rows, {"step_seconds": step_seconds, "thunks_per_step": thunks, "thunk_seconds": busy,
+                "by_kind": {k: {"thunks": c / n, "seconds": s / n} for k, (c, s) in by_kind.items()},
+                "by_part": {k: {"thunks": c / n, "seconds": s / n} for k, (c, s) in by_part.items()}})
+
+
+if __name__ == "__main__":
+  app.run(main)
