@@ -71,6 +71,17 @@ def stream_gbs(mib: int = 256, repeats: int = 5) -> float:
   return 3 * n * 4 / min(time_calls(call, repeats)) / 1e9
 
 
+def read_gbs(mib: int = 1024, repeats: int = 5) -> float:
+  """Read-only memory bandwidth in GB/s: a jitted sum over a float32 array of `mib` MiB (what a matrix-vector
+  product that streams its matrix needs; a triad also writes, which can count for more or less than a read)."""
+  import jax
+  import jax.numpy as jnp
+  array = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(array).block_until_ready()
+  return mib * 2**20 / min(time_calls(lambda: total(array).block_until_ready(), repeats)) / 1e9
+
+
 def machine_rows() -> list[tuple[str, str]]:
   """`machine()` as table rows."""
   m = machine()

@@ -1,6 +1,7 @@
 """Decoding speed (tokens/s) of `gptjax.generate` for the GPT-2 small shape, greedy, after a short prompt.
 
   python benchmarks/decode.py --peer [--batches=1,8 --new_tokens=100 --weights=float32,bfloat16,int8]
+  python benchmarks/decode.py --batches=1 --profile=10   (+ the thunks of a decode step, the 10 costliest)
   python benchmarks/decode.py --quality_workdir=runs/task_pretrain --quality_data=held_out.txt   (+ quality)
 
 For each batch size: our KV-cache decoder (random weights; one prefill, then one jitted while_loop), our own
@@ -28,7 +29,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from benchmarks.common import median, report, stream_gbs, time_calls
+from benchmarks import step_anatomy
+from benchmarks.common import median, read_gbs, report, stream_gbs, time_calls
 from gptjax import config as config_lib, evaluate, generate, loader, metrics, quantize
 from gptjax.model import GPT, GPTConfig, count_params, unstack_layers
 
@@ -39,6 +41,7 @@ _BASELINE_TOKENS = flags.DEFINE_integer("baseline_tokens", 20, "Tokens per row f
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (after one warm-up call).")
 _PEER = flags.DEFINE_bool("peer", False, "Also time transformers' GPT2LMHeadModel.generate in this run.")
 _WEIGHTS = flags.DEFINE_list("weights", ["float32", "bfloat16", "int8"], "Stored weights to time (float32 = as is).")
+_PROFILE = flags.DEFINE_integer("profile", 0, "Also print the thunks of a decode step by kind, and the N costliest.")
 _QUALITY_WORKDIR = flags.DEFINE_string("quality_workdir", None, "A trained run or export to score narrow weights on.")
 _QUALITY_DATA = flags.DEFINE_string("quality_data", None, "Held-out text for --quality_workdir (documents: lines).")
 _QUALITY_PROMPTS = flags.DEFINE_integer("quality_prompts", 32, "Documents whose first 16 tokens are continued.")
@@ -69,16 +72,18 @@ def _as_api(weights: str) -> str:
   return "" if weights == "float32" else weights
 
 
-def step_bytes(params, graphdef, prompt_BP, new_tokens, widen_each_step) -> float:
-  """Bytes one step of the compiled decode loop reads and writes, by XLA's cost analysis (the loop body's)."""
-  B, prompt_len = prompt_BP.shape
-  cache_len = generate.bucket(prompt_len + new_tokens, 2 * nnx.merge(graphdef, quantize.dequantize(params)).cfg.block_size)
-  state = generate._prefill(params, prompt_BP, np.zeros(B, np.int32), jax.random.split(jax.random.key(0), B),  # pylint: disable=protected-access
-                            np.zeros(B, bool), 0, graphdef, cache_len, None)
-  compiled = generate._decode.lower(params, state, np.int32(1), graphdef, generate.Sampling(temperature=0),  # pylint: disable=protected-access
-                                    widen_each_step).compile()
-  cost = compiled.cost_analysis()
-  return float((cost[0] if isinstance(cost, list) else cost)["bytes accessed"])
+def compiled_decode(params, graphdef, prompt_BP, new_tokens, widen_each_step):
+  """The decode loop as `generate.stream` compiles it for these prompts (the same bucketed shapes)."""
+  B = prompt_BP.shape[0]
+  block_size = nnx.merge(graphdef, quantize.dequantize(params)).cfg.block_size
+  prompt_len = generate.bucket(prompt_BP.shape[1], block_size)
+  padded = np.zeros((B, prompt_len), np.int32)
+  padded[:, prompt_len - prompt_BP.shape[1]:] = prompt_BP
+  state = generate._prefill(  # pylint: disable=protected-access
+      params, padded, np.full(B, prompt_len - prompt_BP.shape[1], np.int32), jax.random.split(jax.random.key(0), B),
+      np.zeros(B, bool), 0, graphdef, generate.bucket(prompt_len + new_tokens, 2 * block_size), None)
+  return generate._decode.lower(  # pylint: disable=protected-access
+      params, state, np.int32(1), graphdef, generate.Sampling(temperature=0), widen_each_step).compile()
 
 
 def quality(rows):
@@ -139,10 +144,12 @@ def main(argv):
           ("devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}")]
   stored = {w: quantize.quantize(decode_params, _as_api(w)) for w in _WEIGHTS.value}
   float_bytes = quantize.weight_bytes(decode_params)
-  stream = stream_gbs()
-  rows.append(("memory bandwidth", f"{stream:.1f} GB/s (STREAM triad, 256 MiB arrays); weights " +
-               ", ".join(f"{w} {quantize.weight_bytes(p) / 2**20:.0f} MiB" for w, p in stored.items())))
-  result = {"new_tokens": new, "stream_gbs": stream, "weight_bytes": float_bytes, "baseline_tokens_per_sec": {},
+  stream, read = stream_gbs(), read_gbs()
+  rows.append(("memory bandwidth", f"{stream:.1f} GB/s STREAM triad (256 MiB arrays), {read:.1f} GB/s read only (a "
+                                   "sum over 1 GiB)"))
+  rows.append(("weights", ", ".join(f"{w} {quantize.weight_bytes(p) / 2**20:.0f} MiB" for w, p in stored.items())))
+  result = {"new_tokens": new, "stream_gbs": stream, "read_gbs": read, "weight_bytes": float_bytes,
+            "baseline_tokens_per_sec": {},
             "by_weights": {w: {"weight_bytes": quantize.weight_bytes(p), "tokens_per_sec": {}, "weights_read_gbs": {},
                                "step_bytes": {}} for w, p in stored.items()}}
   if _PEER.value:
@@ -166,18 +173,31 @@ def main(argv):
       numbers = result["by_weights"][weights]
       numbers["tokens_per_sec"][batch] = ours
       # A decoding step reads every stored weight once (the KV cache of <= 108 positions is <1% of that).
-      read_gbs = ours / batch * numbers["weight_bytes"] / 1e9
-      numbers["weights_read_gbs"][batch] = read_gbs
+      weights_gbs = ours / batch * numbers["weight_bytes"] / 1e9
+      numbers["weights_read_gbs"][batch] = weights_gbs
       widen = quantize.is_narrow(stored_params) and jax.default_backend() != "cpu"
-      numbers["step_bytes"][batch] = step_bytes(stored_params, decode_graphdef, prompt_BP, new, widen)
+      compiled = compiled_decode(stored_params, decode_graphdef, prompt_BP, new, widen)
+      cost = compiled.cost_analysis()
+      # The loop's program: one step's bytes (XLA counts a while body once), plus any widening before the loop.
+      numbers["step_bytes"][batch] = float((cost[0] if isinstance(cost, list) else cost)["bytes accessed"])
       line = (f"{ours:.1f} tokens/s ({ours / result['by_weights'][_WEIGHTS.value[0]]['tokens_per_sec'][batch]:.2f}x "
-              f"{_WEIGHTS.value[0]}) | weights read at {read_gbs:.1f} GB/s ({read_gbs / stream:.0%} of stream) | "
+              f"{_WEIGHTS.value[0]}) | weights read at {weights_gbs:.1f} GB/s ({weights_gbs / stream:.0%} of STREAM, "
+              f"{weights_gbs / read:.0%} of read only) | "
               f"a step moves {numbers['step_bytes'][batch] / 2**20:.0f} MiB "
               f"({numbers['step_bytes'][batch] / numbers['weight_bytes']:.2f}x the weights)")
       if peer:
         line += f" | {ours / peer:.2f}x transformers"
         result["peer_ratio"][f"{weights}/{batch}"] = ours / peer
       rows.append((f"batch {batch} {weights}", line))
+      if _PROFILE.value and weights == _WEIGHTS.value[0]:
+        decode = lambda: generate.generate_batch(stored_params, decode_graphdef, prompt_BP, new,
+                                                 generate.Sampling(temperature=0))
+        anatomy = step_anatomy.profile_thunks(decode, 1, compiled.as_text(), units_per_call=new)
+        numbers.setdefault("anatomy", {})[batch] = anatomy.summary()
+        rows += [(f"  {key}", value) for key, value in step_anatomy.anatomy_rows(anatomy, "token", _PROFILE.value,
+                                                                                         parts=False)]
+        rows.append(("  wall per token", f"{batch / ours * 1e3:.2f} ms ({anatomy.seconds / (batch / ours):.0%} of it "
+                                         "inside thunks)"))
   if _QUALITY_WORKDIR.value:
     result["quality"] = quality(rows)
   report(rows, result)

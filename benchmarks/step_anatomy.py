@@ -11,7 +11,6 @@ to the line of gptjax that produced it. Printed: thunks per step and their time 
 are containers: their time is their thunks'.
 """
 
-import collections
 import glob
 import gzip
 import json
@@ -113,6 +112,60 @@ def _part(op_name: str, where: str) -> str:
   return "other"
 
 
+class Anatomy:
+  """Per-call thunk counts and seconds by kind, by part of the step and by instruction, from a profiler trace."""
+
+  def __init__(self, events, instructions, module: str, calls: float):
+    self.instructions = instructions
+    self.by_kind, self.by_part, self.by_name = ({} for _ in range(3))
+    for event in events:
+      if (event.get("ph") != "X" or event.get("args", {}).get("hlo_module") != module
+          or event["name"] not in instructions):
+        continue
+      kind, part, _ = instructions[event["name"]]
+      if kind == "container":
+        continue
+      for table, key in ((self.by_kind, kind), (self.by_part, part), (self.by_name, event["name"])):
+        count, seconds = table.get(key, (0, 0.0))
+        table[key] = (count + 1 / calls, seconds + event.get("dur", 0) / 1e6 / calls)
+    self.thunks = sum(count for count, _ in self.by_kind.values())
+    self.seconds = sum(seconds for _, seconds in self.by_kind.values())  # summed over the threads that run thunks
+
+  def summary(self) -> dict:
+    return {"thunks": self.thunks, "thunk_seconds": self.seconds,
+            "by_kind": {k: {"thunks": c, "seconds": s} for k, (c, s) in self.by_kind.items()},
+            "by_part": {k: {"thunks": c, "seconds": s} for k, (c, s) in self.by_part.items()}}
+
+
+def profile_thunks(run, calls: int, hlo: str, units_per_call: int = 1) -> Anatomy:
+  """Runs `run()` `calls` times under jax.profiler: the thunks of the program whose text is `hlo`, per unit (a
+  call, or e.g. a decoded token: `units_per_call` of them per call)."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(calls):
+      run()
+    jax.profiler.stop_trace()
+    trace = sorted(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")))[-1]
+    with gzip.open(trace, "rt") as f:
+      events = json.load(f)["traceEvents"]
+  module = re.match(r"HloModule (\S+?),", hlo).group(1)
+  return Anatomy(events, _instructions(hlo), module, calls * units_per_call)
+
+
+def anatomy_rows(anatomy: Anatomy, per: str, top: int = 0, parts: bool = True) -> list[tuple[str, str]]:
+  """Report rows: thunks per `per` by kind (and by part of a train step), then the `top` costliest instructions."""
+  rows = [(f"thunks per {per}", f"{anatomy.thunks:.0f}, {anatomy.seconds * 1e3:.2f} ms inside them (traced, summed "
+                                "over threads: independent thunks run at once)")]
+  for title, table in (("kind", anatomy.by_kind), ("part", anatomy.by_part))[:2 if parts else 1]:
+    for key, (count, seconds) in sorted(table.items(), key=lambda kv: -kv[1][1]):
+      rows.append((f"{title}: {key}", f"{count:6.0f} thunks  {seconds * 1e3:8.2f} ms  "
+                                      f"{seconds / anatomy.seconds:6.1%} of thunk time  "
+                                      f"{seconds / count * 1e6:7.1f} us each"))
+  for name, (count, seconds) in sorted(anatomy.by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+    rows.append((f"top: {name}", f"{seconds * 1e3:6.2f} ms x{count:.0f}  {anatomy.instructions[name][2][:150]}"))
+  return rows
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -128,7 +181,6 @@ def main(argv):
   step = train.make_train_step(graphdef, tx, config, shardings, mesh)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, vocab, (1, batch, seq + 1)), jnp.int32)
   compiled = step.lower(state, tokens).compile()
-  instructions = _instructions(compiled.as_text())
   holder = [state]
 
   def run():
@@ -137,45 +189,11 @@ def main(argv):
   for _ in range(10):
     run()
   step_seconds = median(time_calls(run, _STEPS.value))
-
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir)
-    for _ in range(_TRACE_STEPS.value):
-      run()
-    jax.profiler.stop_trace()
-    trace = sorted(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")))[-1]
-    with gzip.open(trace, "rt") as f:
-      events = json.load(f)["traceEvents"]
-  n = _TRACE_STEPS.value
-  by_kind, by_part = collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
-  by_name = collections.defaultdict(lambda: [0, 0.0])
-  for event in events:
-    if event.get("ph") != "X" or event["name"] not in instructions:
-      continue
-    kind, part, _ = instructions[event["name"]]
-    if kind == "container":
-      continue
-    for table, key in ((by_kind, kind), (by_part, part), (by_name, event["name"])):
-      table[key][0] += 1
-      table[key][1] += event.get("dur", 0) / 1e6
-  thunks = sum(count for count, _ in by_kind.values()) / n
-  busy = sum(seconds for _, seconds in by_kind.values()) / n  # summed over the threads that run thunks
+  anatomy = profile_thunks(run, _TRACE_STEPS.value, compiled.as_text())
   rows = [("step", f"{config.model.n_layer}L {config.model.n_embd}D vocab {vocab}, batch {batch} x {seq}, "
                    f"{config.model.dtype}, scan={config.model.scan_layers}, remat={config.model.remat}"),
-          ("median step", f"{step_seconds * 1e3:.2f} ms over {_STEPS.value} steps"),
-          ("thunks per step", f"{thunks:.0f}, {busy * 1e3:.2f} ms inside them (traced, summed over threads: "
-                              f"independent thunks run at once)")]
-  for title, table in (("kind", by_kind), ("part", by_part)):
-    for key, (count, seconds) in sorted(table.items(), key=lambda kv: -kv[1][1]):
-      rows.append((f"{title}: {key}", f"{count / n:6.0f} thunks  {seconds / n * 1e3:8.2f} ms  "
-                                      f"{seconds / n / busy:6.1%} of thunk time  "
-                                      f"{seconds / count * 1e6:7.1f} us each"))
-  for name, (count, seconds) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:_TOP.value]:
-    rows.append((f"top: {name}", f"{seconds / n * 1e3:6.2f} ms x{count / n:.0f}  {instructions[name][2][:150]}"))
-  report(rows, {"step_seconds": step_seconds, "thunks_per_step": thunks, "thunk_seconds": busy,
-                "by_kind": {k: {"thunks": c / n, "seconds": s / n} for k, (c, s) in by_kind.items()},
-                "by_part": {k: {"thunks": c / n, "seconds": s / n} for k, (c, s) in by_part.items()}})
-
+          ("median step", f"{step_seconds * 1e3:.2f} ms over {_STEPS.value} steps")]
+  report(rows + anatomy_rows(anatomy, "step", _TOP.value), dict(anatomy.summary(), step_seconds=step_seconds))
 
 if __name__ == "__main__":
   app.run(main)
