@@ -99,8 +99,13 @@ def _check_attention(name: str, what: str, target: str, model_cfg: GPTConfig, pr
     assert "__cudnn$fmha" not in program and "tpu_custom_call" not in program
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("name", PRETRAINING)
+# On the v5p-16 FSDP slice GPT-2 small and XL bracket medium and large: the same program (head size 64 in all four)
+# at widths between theirs, each a 45-60 s compile in CI. Every size compiles for v5e-1 and lowers for CUDA.
+TRAIN = [(name, target) for name in PRETRAINING for target in TARGETS
+         if not (target == "v5p-16" and name in ("gpt2_medium", "gpt2_large"))]
+
+
+@pytest.mark.parametrize("name, target", TRAIN, ids=[f"{n}-{t}" for n, t in TRAIN])
 def test_train_step_builds(name, target):
   config = _config(name, target)
   mesh = sharding.make_mesh(config, _devices(target))

@@ -54,8 +54,8 @@ def test_a_stacked_model_quantizes_as_its_layers_one_by_one():
 
 
 @pytest.mark.parametrize("weights", quantize.WEIGHTS)
-@pytest.mark.parametrize("sampling", [GREEDY, Sampling(temperature=1.0, top_k=20)])
-def test_narrow_decoding_is_the_float_decoder_on_the_rounded_weights(weights, sampling):
+def test_narrow_decoding_is_the_float_decoder_on_the_rounded_weights(weights):
+  sampling = Sampling(temperature=1.0, top_k=20)  # draws: any change of a logit can change a token
   graphdef, params = _model()
   rounded = quantize.dequantize(quantize.quantize(params, weights))
   out = generate.generate_batch(params, graphdef, PROMPTS, 24, sampling, seed=2, weights=weights)
