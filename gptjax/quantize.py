@@ -63,12 +63,12 @@ def quantize(params, weights: str | None):
   return jax.tree_util.tree_map_with_path(narrow, params)
 
 
-def dequantize(params, dtype=jnp.float32):
-  """The parameter tree with every narrowed matrix widened to `dtype` (float matrices are left as stored)."""
+def dequantize(params):
+  """The parameter tree with every narrow matrix widened to float32, as trained (the model casts to its dtype)."""
   def widen(x):
     if isinstance(x, Int8):
-      return (x.q.astype(jnp.float32) * x.scale).astype(dtype)
-    return x.astype(dtype) if x.dtype == jnp.bfloat16 and dtype != jnp.bfloat16 else x
+      return x.q.astype(jnp.float32) * x.scale
+    return x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
 
   return jax.tree.map(widen, params, is_leaf=lambda x: isinstance(x, Int8))
 
