@@ -86,6 +86,13 @@ def compiled_decode(params, graphdef, prompt_BP, new_tokens, widen_each_step):
       params, state, np.int32(1), graphdef, generate.Sampling(temperature=0), widen_each_step).compile()
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _next_tokens(params, tokens_BT, graphdef):
+  """The model's most likely next token at every position (a full forward pass, weights widened inside)."""
+  model = nnx.merge(graphdef, quantize.dequantize(params))
+  return jnp.argmax(model.logits(model(tokens_BT)), axis=-1)
+
+
 def quality(rows):
   """Greedy agreement with float32 and perplexity on --quality_data, per narrow weights, on a trained model."""
   model = loader.load_model(_QUALITY_WORKDIR.value)
@@ -103,9 +110,16 @@ def quality(rows):
     if reference is None:
       reference, reference_loss = ids, scored["loss"]
     agree = float(np.mean(ids == reference))
+    # Teacher-forced: given float32's own continuation, how often this model's next token is float32's.
+    sequences = np.concatenate([np.asarray(prompts, np.int32), reference], axis=1)
+    predicted = np.asarray(_next_tokens(quantize.quantize(model.params, _as_api(weights)), sequences[:, :-1],
+                                        model.graphdef))
+    next_agree = float(np.mean(predicted[:, 15:] == reference))
     ppl_change = scored["perplexity"] / np.exp(reference_loss) - 1
-    result[weights] = {"greedy_agreement": agree, "perplexity": scored["perplexity"], "perplexity_change": ppl_change}
-    rows.append((f"quality {weights}", f"greedy tokens equal to float32's: {agree:.1%} ({len(prompts)} x {new}) | "
+    result[weights] = {"greedy_agreement": agree, "next_token_agreement": next_agree,
+                       "perplexity": scored["perplexity"], "perplexity_change": ppl_change}
+    rows.append((f"quality {weights}", f"greedy tokens equal to float32's: {agree:.1%} ({len(prompts)} x {new}); "
+                                       f"next token given float32's continuation: {next_agree:.1%} | "
                                        f"perplexity {scored['perplexity']:.3f} ({ppl_change:+.2%}) on "
                                        f"{scored['tokens']} tokens"))
   rows.append(("quality model", f"{_QUALITY_WORKDIR.value} (step {model.step}, "
