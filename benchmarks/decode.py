@@ -104,17 +104,17 @@ def quality(rows):
   result = {}
   reference, reference_loss = None, None
   for weights in _WEIGHTS.value:
-    ids = generate.generate_batch(model.params, model.graphdef, prompts, new, generate.Sampling(temperature=0),
-                                  weights=_as_api(weights))
-    scored = evaluate.evaluate_texts(model.params, model.graphdef, model.tokenizer, texts, weights=_as_api(weights))
+    params = quantize.quantize(model.params, _as_api(weights))
+    ids = generate.generate_batch(params, model.graphdef, prompts, new, generate.Sampling(temperature=0))
+    scored = evaluate.evaluate_texts(params, model.graphdef, model.tokenizer, texts)
     if reference is None:
       reference, reference_loss = ids, scored["loss"]
     agree = float(np.mean(ids == reference))
     # Teacher-forced: given float32's own continuation, how often this model's next token is float32's.
-    sequences = np.concatenate([np.asarray(prompts, np.int32), reference], axis=1)
-    predicted = np.asarray(_next_tokens(quantize.quantize(model.params, _as_api(weights)), sequences[:, :-1],
-                                        model.graphdef))
-    next_agree = float(np.mean(predicted[:, 15:] == reference))
+    # (Within the model's context: prompt and continuation cut at block_size + 1 tokens.)
+    sequences = np.concatenate([np.asarray(prompts, np.int32), reference], axis=1)[:, :model.model_cfg.block_size + 1]
+    predicted = np.asarray(_next_tokens(params, sequences[:, :-1], model.graphdef))
+    next_agree = float(np.mean(predicted[:, 15:] == sequences[:, 16:]))
     ppl_change = scored["perplexity"] / np.exp(reference_loss) - 1
     result[weights] = {"greedy_agreement": agree, "next_token_agreement": next_agree,
                        "perplexity": scored["perplexity"], "perplexity_change": ppl_change}

@@ -39,6 +39,10 @@ def _reduced_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
   return None
 
 
+def _is_int8(x) -> bool:
+  return isinstance(x, Int8)
+
+
 def _keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
@@ -70,7 +74,7 @@ def dequantize(params):
       return x.q.astype(jnp.float32) * x.scale
     return x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x
 
-  return jax.tree.map(widen, params, is_leaf=lambda x: isinstance(x, Int8))
+  return jax.tree.map(widen, params, is_leaf=_is_int8)
 
 
 def weight_bytes(params) -> int:
@@ -80,8 +84,7 @@ def weight_bytes(params) -> int:
 
 def is_narrow(params) -> bool:
   """Whether any matrix of the tree is stored narrow (bfloat16 or int8)."""
-  return any(isinstance(x, Int8) or x.dtype == jnp.bfloat16
-             for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8)))
+  return any(_is_int8(x) or x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params, is_leaf=_is_int8))
 
 
 def widen_each_step(params, step: jax.Array):
