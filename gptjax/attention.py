@@ -2,7 +2,8 @@
 
 'xla' and 'cudnn' are `jax.nn.dot_product_attention`'s implementations. 'causal_blocks' splits the queries
 into blocks and lets each attend only to keys up to its own end, skipping the fully masked upper triangle
-that XLA:CPU otherwise computes and throws away (about half the work at long contexts). 'pallas' is the TPU
+that XLA:CPU otherwise computes and throws away (about half the work at long contexts); a sequence of one block
+runs `_short_causal`, whose hand-written backward pass suits XLA:CPU. 'pallas' is the TPU
 splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`), run per device under `shard_map`
 (a Mosaic kernel cannot be partitioned by GSPMD); on CPU the same kernel runs in Pallas interpret mode, which
 is slow but lets the tests compare it with the reference.
@@ -117,10 +118,23 @@ def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, im
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, implementation=implementation)
 
 
+def causal_attention_qkv(qkv_BT3NH: jax.Array, implementation: str, platform: str = "") -> jax.Array:
+  """`causal_attention` of q, k and v packed as the projection makes them, [B, T, 3, N, H]; the output is [B, T, N, H].
+
+  Short 'causal_blocks' sequences (T <= QUERY_BLOCK) take `_short_causal`, which reads and writes the packed
+  array in one piece; the other kernels get q, k and v sliced out of it.
+  """
+  platform = platform or device_platform()
+  implementation = resolve(implementation, qkv_BT3NH.dtype, platform)
+  if implementation == "causal_blocks" and qkv_BT3NH.shape[1] <= QUERY_BLOCK:
+    return _short_causal(qkv_BT3NH)
+  return causal_attention(*(qkv_BT3NH[:, :, i] for i in range(3)), implementation, platform)
+
+
 def _causal_blocks(q_BTNH, k_BSNH, v_BSNH):
   T = q_BTNH.shape[1]
   if T <= QUERY_BLOCK:
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, implementation="xla")
+    return _short_causal(jnp.stack([q_BTNH, k_BSNH, v_BSNH], axis=2))
   outputs = []
   for start in range(0, T, QUERY_BLOCK):
     end = min(start + QUERY_BLOCK, T)
@@ -129,6 +143,45 @@ def _causal_blocks(q_BTNH, k_BSNH, v_BSNH):
     outputs.append(jax.nn.dot_product_attention(
         q_BTNH[:, start:end], k_BSNH[:, :end], v_BSNH[:, :end], mask=mask_TS[None, None], implementation="xla"))
   return jnp.concatenate(outputs, axis=1)
+
+
+@jax.custom_vjp
+def _short_causal(qkv_BT3NH: jax.Array) -> jax.Array:
+  """Causal attention of one short block, [B, T, 3, N, H] -> [B, T, N, H], with a hand-written backward pass.
+
+  As `jax.nn.dot_product_attention` (float32 logits and softmax, probabilities in the values' dtype), but cheaper on
+  XLA:CPU, where the baby GPT's attention took a quarter of its train step: q, k and v move to [3, B, N, T, H] in
+  one copy (and their gradients back in one), every product is a batched matmul over (B, N), and the softmax's
+  backward pass reduces dy·y over H rather than probs·dprobs over the keys (the same sums, FlashAttention's form).
+  """
+  return _short_causal_fwd(qkv_BT3NH)[0]
+
+
+def _short_causal_fwd(qkv_BT3NH):
+  T, H = qkv_BT3NH.shape[1], qkv_BT3NH.shape[-1]
+  q_BNTH, k_BNSH, v_BNSH = qkv_BT3NH.transpose(2, 0, 3, 1, 4)
+  logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH, preferred_element_type=jnp.float32) * (1 / np.sqrt(H))
+  logits_BNTS = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits_BNTS, -jnp.inf)
+  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BNSH.dtype)
+  y_BNTH = jnp.einsum("bnts,bnsh->bnth", probs_BNTS, v_BNSH)
+  return y_BNTH.transpose(0, 2, 1, 3), (q_BNTH, k_BNSH, v_BNSH, probs_BNTS, y_BNTH)
+
+
+def _short_causal_bwd(residuals, dy_BTNH):
+  q_BNTH, k_BNSH, v_BNSH, probs_BNTS, y_BNTH = residuals
+  dy_BNTH = dy_BTNH.transpose(0, 2, 1, 3)
+  dv_BNSH = jnp.einsum("bnts,bnth->bnsh", probs_BNTS, dy_BNTH)
+  dprobs_BNTS = jnp.einsum("bnth,bnsh->bnts", dy_BNTH, v_BNSH, preferred_element_type=jnp.float32)
+  # sum_s probs·dprobs = sum_h dy·y (y = probs·v): the softmax's backward pass without a reduction over the keys.
+  rows_BNT1 = jnp.sum(dy_BNTH.astype(jnp.float32) * y_BNTH.astype(jnp.float32), axis=-1, keepdims=True)
+  scale = 1 / np.sqrt(q_BNTH.shape[-1])
+  dlogits_BNTS = (probs_BNTS.astype(jnp.float32) * (dprobs_BNTS - rows_BNT1) * scale).astype(q_BNTH.dtype)
+  dq_BNTH = jnp.einsum("bnts,bnsh->bnth", dlogits_BNTS, k_BNSH)
+  dk_BNSH = jnp.einsum("bnts,bnth->bnsh", dlogits_BNTS, q_BNTH)
+  return (jnp.stack([dq_BNTH, dk_BNSH, dv_BNSH]).transpose(1, 3, 0, 2, 4),)
+
+
+_short_causal.defvjp(_short_causal_fwd, _short_causal_bwd)
 
 
 def _splash(q_BTNH, k_BSNH, v_BSNH, interpret: bool):

@@ -39,6 +39,7 @@ class GPTConfig:
   attention: str = "xla"
   scan_layers: bool = True
   remat: str = "none"
+  row_groups: int = 1
   # The platform the model is lowered for ('tpu', 'cuda', 'cpu'; '' = this process's): picks 'auto' attention's
   # kernel and whether splash runs as a Mosaic kernel or interpreted. Not a config field: `for_device` sets it.
   platform: str = ""
@@ -55,7 +56,8 @@ class GPTConfig:
   def from_config(cls, model_config, vocab_size: int) -> "GPTConfig":
     fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "platform", "adapter", "adapter_rank",
                                                          "adapter_alpha", "adapter_targets"}
-    return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields})
+    # A config saved before a field existed (an export, a fine-tuned model's base) gets the field's default.
+    return cls(vocab_size=vocab_size, **{k: model_config[k] for k in fields if k in model_config})
 
   @property
   def head_dim(self) -> int:
@@ -185,11 +187,11 @@ class Attention(nnx.Module):
     if self.qkv_adapter is not None:
       qkv_M3NH = qkv_M3NH + self.qkv_adapter(x_MD).reshape(qkv_M3NH.shape)
     qkv_BT3NH = checkpoint_name(qkv_M3NH, "qkv").reshape(B, T, *qkv_M3NH.shape[1:])
-    q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
     cache = None
     if write is None:
-      y_BTNH = attention.causal_attention(q_BTNH, k_BTNH, v_BTNH, self.cfg.attention, self.cfg.platform)
+      y_BTNH = attention.causal_attention_qkv(qkv_BT3NH, self.cfg.attention, self.cfg.platform)
     else:
+      q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
       # Written before it is read: XLA then updates the cache in place (read-then-write costs a copy per token).
       cache = LayerCache(*(attention.write_cache(c_ZSH, new_BTNH, write.start)
                            for c_ZSH, new_BTNH in zip(write.cache, (k_BTNH, v_BTNH))))
@@ -304,6 +306,19 @@ class GPT(nnx.Module):
       x_BTD = self.dropout(x_BTD, rngs=nnx.Rngs(dropout=embed_key))
     else:
       dropout_key = None
+    B = x_BTD.shape[0]
+    groups = math.gcd(cfg.row_groups, B)
+    if groups == 1:
+      return self.ln_f(self._blocks(x_BTD, dropout_key))
+    # Row b in group b % groups (strided: a batch split over devices stays split the same way in every group).
+    x_RGTD = x_BTD.reshape(B // groups, groups, *x_BTD.shape[1:])
+    keys = [None if dropout_key is None else jax.random.fold_in(dropout_key, g) for g in range(groups)]
+    x_RGTD = jnp.stack([self._blocks(x_RGTD[:, g], keys[g]) for g in range(groups)], axis=1)
+    return self.ln_f(x_RGTD.reshape(x_BTD.shape))
+
+  def _blocks(self, x_BTD: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+    """The residual stream after every block."""
+    cfg = self.cfg
     layer_keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_layer)
 
     def run_block(block, x_BTD, key):
@@ -321,7 +336,7 @@ class GPT(nnx.Module):
     else:
       for i, block in enumerate(self.blocks):
         x_BTD = run_block(block, x_BTD, None if layer_keys is None else layer_keys[i])
-    return self.ln_f(x_BTD)
+    return x_BTD
 
   def init_cache(self, batch: int, length: int) -> tuple[LayerCache, ...]:
     """An empty KV cache for `batch` rows of `length` slots: per layer, zeros [batch * n_head, length, H]."""

@@ -1,5 +1,7 @@
 """Attention kernels, the KV cache and the kernel switch against independent references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,27 @@ def test_attention_kernels_equal_the_reference(implementation, T):
   q, k, v = jax.random.normal(jax.random.key(T), (3, 2, T, 3, 16))
   np.testing.assert_allclose(attention.causal_attention(q, k, v, implementation), _reference_attention(q, k, v),
                              atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_short_causal_attention_gradients_equal_autodiff_of_the_reference(dtype, tolerance):
+  """The packed short-sequence kernel's hand-written backward pass against autodiff of the float32 reference."""
+  B, T, N, H = 2, 40, 3, 16
+  qkv = jax.random.normal(jax.random.key(0), (B, T, 3, N, H))
+  cotangent = jax.random.normal(jax.random.key(1), (B, T, N, H))
+
+  def loss(attend, qkv):
+    return jnp.sum(attend(qkv).astype(jnp.float32) * cotangent)
+  ours = lambda qkv: attention.causal_attention_qkv(qkv.astype(dtype), "causal_blocks")
+  reference = lambda qkv: _reference_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+  value, grad = jax.value_and_grad(functools.partial(loss, ours))(qkv)
+  expected_value, expected_grad = jax.value_and_grad(functools.partial(loss, reference))(qkv)
+  assert grad.shape == qkv.shape and float(jnp.abs(expected_grad).max()) > 0.1
+  np.testing.assert_allclose(value, expected_value, rtol=tolerance)
+  np.testing.assert_allclose(grad, expected_grad, atol=tolerance * float(jnp.abs(expected_grad).max()))
+  # The q, k, v entry point is the same kernel.
+  q, k, v = (qkv[:, :, i] for i in range(3))
+  np.testing.assert_allclose(attention.causal_attention(q, k, v, "causal_blocks"), reference(qkv), atol=2e-5)
 
 
 def test_auto_attention_per_platform_and_pallas_off_tpu_fails_clearly(monkeypatch):

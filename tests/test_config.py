@@ -68,6 +68,7 @@ def test_gpt2_default_and_unknown_size():
     (lambda c: c.train.update(batch_size=16, micro_batch_size=3), "multiple of train.micro_batch_size"),
     (lambda c: c.model.update(attention="flash"), "model.attention='flash'"),
     (lambda c: c.model.update(dropout=1.0), "model.dropout=1.0"),
+    (lambda c: c.model.update(row_groups=0), "model.row_groups=0 must be positive"),
     (lambda c: c.data.update(tokenizer="wordpiece"), "data.tokenizer='wordpiece'"),
     (lambda c: c.train.update(steps=0), "train.steps=0"),
 ])

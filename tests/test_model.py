@@ -49,7 +49,8 @@ def _unstack(params, n_layer):
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
-                                     dict(remat="qkv_fc"), dict(attention="causal_blocks"), dict(attention="pallas")])
+                                     dict(remat="qkv_fc"), dict(attention="causal_blocks"), dict(attention="pallas"),
+                                     dict(row_groups=2)])
 def test_switches_give_the_same_loss_and_gradients(variant):
   tokens = jnp.asarray(random_tokens((2, 65), vocab=96))
   loss, grads = _loss_and_grads(_model(), tokens)
@@ -61,6 +62,29 @@ def test_switches_give_the_same_loss_and_gradients(variant):
   other_loss, other_grads = _loss_and_grads(other, tokens)
   np.testing.assert_allclose(other_loss, loss, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), other_grads, grads)
+
+
+def test_row_groups_run_the_blocks_once_per_group_from_the_config():
+  """model.row_groups reaches the model through GPTConfig.from_config: each group has its own chain of block
+  matmuls (4 per layer: qkv, out, fc, proj); a batch the setting does not divide uses their common divisor."""
+  config = tiny_config(n_layer=2, batch_size=6)
+  config.model.scan_layers = False
+
+  def matmuls(jaxpr) -> int:
+    """Unbatched dot_generals (the projections; the attention's have batch dimensions), nested calls included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+      count += eqn.primitive.name == "dot_general" and not eqn.params["dimension_numbers"][1][0]
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", param)
+        count += matmuls(inner) if hasattr(inner, "eqns") else 0
+    return count
+
+  def block_matmuls(row_groups, batch):
+    config.model.row_groups = row_groups
+    model = GPT(GPTConfig.from_config(config.model, 128), nnx.Rngs(0))
+    return matmuls(jax.make_jaxpr(lambda tokens: model(tokens))(jnp.zeros((batch, 16), jnp.int32)).jaxpr)
+  assert [block_matmuls(1, 6), block_matmuls(3, 6), block_matmuls(3, 4)] == [2 * 4, 3 * 2 * 4, 2 * 4]
 
 
 def test_logits_are_the_tied_head_and_initial_loss_is_uniform():

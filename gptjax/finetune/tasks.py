@@ -108,7 +108,7 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
 
 # The model fields a fine-tuning run chooses; the others are the base's (checkpoint.init_from) and must be left at
 # their defaults.
-RUN_MODEL_FIELDS = ("dtype", "attention", "remat")
+RUN_MODEL_FIELDS = ("dtype", "attention", "remat", "row_groups")
 # The metric checkpoint.keep_best ranks a task's checkpoints by, and whether higher is better.
 RANKING = {"classify": ("eval_accuracy", True), "ner": ("eval_f1", True), "sft": ("eval_loss", False)}
 
