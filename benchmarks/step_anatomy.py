@@ -108,7 +108,9 @@ def _part(op_name: str, where: str) -> str:
   if file == "train.py":
     return "step bookkeeping (grad norm, finite guard, counters)"
   if file in ("model.py", "attention.py", "sharding.py") or (file == "?" and "jvp(" in op_name):
-    return "model backward" if "transpose(" in op_name else "model forward"
+    # A custom_vjp's backward rule (e.g. attention._short_causal_bwd) is traced without transpose( in its names.
+    backward = "transpose(" in op_name or function.endswith("_bwd")
+    return "model backward" if backward else "model forward"
   return "other"
 
 

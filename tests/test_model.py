@@ -50,7 +50,7 @@ def _unstack(params, n_layer):
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
                                      dict(remat="qkv_fc"), dict(attention="causal_blocks"), dict(attention="pallas"),
-                                     dict(row_groups=2)])
+                                     dict(attention="causal_blocks", remat="qkv_fc"), dict(row_groups=2)])
 def test_switches_give_the_same_loss_and_gradients(variant):
   tokens = jnp.asarray(random_tokens((2, 65), vocab=96))
   loss, grads = _loss_and_grads(_model(), tokens)
