@@ -379,6 +379,11 @@ class GPT(nnx.Module):
                       preferred_element_type=jnp.float32)
 
 
+def describe_execution(cfg: GPTConfig) -> str:
+  """How the run computes its model, for the start-up summary: the attention kernel, and row groups if any."""
+  return f"attention {cfg.attention}" + (f" | row groups {cfg.row_groups}" if cfg.row_groups > 1 else "")
+
+
 def _per_layer(stacked, n_layer: int) -> list:
   """Layer i's slice of every array in a tree of layer-stacked arrays, for each i."""
   return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layer)]

@@ -11,7 +11,7 @@ import numpy as np
 
 from gptjax import config as config_lib, data, generate, loader, metrics, plan, sharding, train
 from gptjax.job import Job, log
-from gptjax.model import GPTConfig, count_params, flops_per_token
+from gptjax.model import GPTConfig, count_params, describe_execution, flops_per_token
 
 
 def build(config, workdir: str, mesh, resuming: bool) -> Job:
@@ -82,7 +82,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   accum = config_lib.grad_accum_steps(config, jax.device_count())
   description = [
       f"model: {metrics.format_count(n_params)} parameters | vocab {vocab} (tokenizer {prepared.tokenizer.vocab_size},"
-      f" {prepared.tokenizer.kind}) | context {seq} | attention {model_cfg.attention}",
+      f" {prepared.tokenizer.kind}) | context {seq} | {describe_execution(model_cfg)}",
       f"data: {metrics.format_count(prepared.train_tokens)} train tokens, {metrics.format_count(prepared.val_tokens)}"
       f" val tokens | {metrics.format_count(tokens_per_step)} tokens/step (batch {t.batch_size} x {seq}, {accum} "
       f"micro-batches) | {metrics.format_count(flops_tok)} FLOPs/token"]

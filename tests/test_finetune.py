@@ -183,6 +183,22 @@ def test_fine_tuning_computes_in_the_configs_dtype_not_the_bases(tmp_path):
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
 
 
+def test_fine_tuning_honours_row_groups(tmp_path, capsys):
+  """model.row_groups is the run's: the classifier trains in two row groups, to the losses of one group."""
+  from gptjax import loop  # pylint: disable=import-outside-toplevel
+  losses = {}
+  for groups in (1, 2):
+    config = tiny_classification_config(tmp_path)
+    config.model.row_groups = groups
+    config.log.update(every_steps=1, tensorboard=False)
+    loop.run(config, str(tmp_path / f"groups{groups}"))
+    assert ("| row groups 2" in capsys.readouterr().out) == (groups == 2)
+    rows = [json.loads(line) for line in (tmp_path / f"groups{groups}" / "metrics.jsonl").read_text().splitlines()]
+    losses[groups] = [r[key] for r in rows for key in ("train_loss", "eval_loss") if key in r]
+  assert len(losses[1]) >= 3
+  np.testing.assert_allclose(losses[2], losses[1], rtol=2e-5)
+
+
 def test_fine_tuning_honours_attention_and_eval_every_and_ranks_checkpoints_by_the_task_metric(tmp_path, capsys):
   """model.attention is the run's; train.eval_every=1 evaluates every step (0: every epoch); checkpoint.keep_best
   keeps the best by eval accuracy, so each evaluated step is saved with its metrics."""

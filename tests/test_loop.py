@@ -32,6 +32,20 @@ def test_the_configs_dropout_is_what_trains(tmp_path, corpus):
   assert all(abs(a - b) > 1e-4 for a, b in zip(runs[0.0], runs[0.3])), runs
 
 
+def test_row_groups_train_the_same_model(tmp_path, corpus, capsys):
+  """model.row_groups only changes how XLA may schedule the step: the run says so, and logs one group's losses."""
+  runs = {}
+  for groups in (1, 2):
+    config = quick_run_config(corpus, steps=4)
+    config.model.row_groups = groups
+    config.log.every_steps = 1
+    loop.run(config, str(tmp_path / str(groups)))
+    assert ("| row groups 2" in capsys.readouterr().out) == (groups == 2)
+    runs[groups] = _train_losses(tmp_path / str(groups))
+  assert len(runs[1]) == 4
+  np.testing.assert_allclose(runs[2], runs[1], rtol=2e-5)
+
+
 def test_dropout_0_is_bitwise_independent_of_the_dropout_key():
   cfg = GPTConfig(vocab_size=32, n_layer=2, n_head=4, n_embd=32, block_size=16, attention="xla", dropout=0.0)
   model = GPT(cfg, nnx.Rngs(0))

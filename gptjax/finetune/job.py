@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from gptjax import checkpoint, config as config_lib, generate, loader, metrics, paths, sharding, train
 from gptjax.finetune import adalora, lora, sft, store, tasks, trainer
 from gptjax.job import Job, log
-from gptjax.model import count_params, flops_per_token
+from gptjax.model import count_params, describe_execution, flops_per_token
 
 BASE_FILE = "base.json"  # in the workdir: the base a run trains on (store.base_record), for its resumes
 
@@ -120,7 +120,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
           "all parameters")
   description = [
       f"base: {config.checkpoint.init_from} (step {base.step}) | {metrics.format_count(n_base)} parameters, "
-      f"context {model_cfg.block_size}, tokenizer {tokenizer.kind} | attention {model_cfg.attention}",
+      f"context {model_cfg.block_size}, tokenizer {tokenizer.kind} | {describe_execution(model_cfg)}",
       f"data: {len(train_examples)} train / {len(eval_examples)} eval examples"
       f"{f' | {len(labels)} labels' if labels else ''} | {full_rows} rows reach max_len {max_len} (longer ones "
       "are cut)",
