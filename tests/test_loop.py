@@ -19,14 +19,18 @@ def _train_losses(workdir) -> list[float]:
   return [r["train_loss"] for r in rows if "train_loss" in r]
 
 
+def _losses_of_a_run_with(tmp_path, corpus, steps: int, **model) -> list[float]:
+  """The train loss of every step of a quick run with these model settings."""
+  config = quick_run_config(corpus, steps=steps)
+  config.model.update(model)
+  config.log.every_steps = 1
+  workdir = tmp_path / "_".join(f"{name}{value}" for name, value in model.items())
+  loop.run(config, str(workdir))
+  return _train_losses(workdir)
+
+
 def test_the_configs_dropout_is_what_trains(tmp_path, corpus):
-  runs = {}
-  for dropout in (0.0, 0.3):
-    config = quick_run_config(corpus, steps=2)
-    config.model.dropout = dropout
-    config.log.every_steps = 1
-    loop.run(config, str(tmp_path / str(dropout)))
-    runs[dropout] = _train_losses(tmp_path / str(dropout))
+  runs = {dropout: _losses_of_a_run_with(tmp_path, corpus, 2, dropout=dropout) for dropout in (0.0, 0.3)}
   # Step 1 starts from the same parameters: only dropout can make its loss differ.
   assert len(runs[0.0]) == len(runs[0.3]) == 2
   assert all(abs(a - b) > 1e-4 for a, b in zip(runs[0.0], runs[0.3])), runs
@@ -36,12 +40,8 @@ def test_row_groups_train_the_same_model(tmp_path, corpus, capsys):
   """model.row_groups only changes how XLA may schedule the step: the run says so, and logs one group's losses."""
   runs = {}
   for groups in (1, 2):
-    config = quick_run_config(corpus, steps=4)
-    config.model.row_groups = groups
-    config.log.every_steps = 1
-    loop.run(config, str(tmp_path / str(groups)))
+    runs[groups] = _losses_of_a_run_with(tmp_path, corpus, 4, row_groups=groups)
     assert ("| row groups 2" in capsys.readouterr().out) == (groups == 2)
-    runs[groups] = _train_losses(tmp_path / str(groups))
   assert len(runs[1]) == 4
   np.testing.assert_allclose(runs[2], runs[1], rtol=2e-5)
 
