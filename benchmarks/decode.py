@@ -100,7 +100,7 @@ def quality(rows):
   texts = [text for text, _ in data.open_corpus(_QUALITY_DATA.value).documents()]
   lines = [line for text in texts for line in text.splitlines() if len(model.tokenizer.encode(line)) >= 16]
   prompts = [model.tokenizer.encode(line)[:16] for line in lines[:_QUALITY_PROMPTS.value]]
-  new = 64
+  new = min(64, model.model_cfg.block_size - 16)  # prompt and continuation within the model's context
   result = {}
   reference, reference_loss = None, None
   for weights in _WEIGHTS.value:
