@@ -112,7 +112,7 @@ def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, im
   platform = platform or device_platform()
   implementation = resolve(implementation, q_BTNH.dtype, platform)
   if implementation == "causal_blocks":
-    return _causal_blocks(q_BTNH, k_BSNH, v_BSNH)
+    return _causal_blocks(jnp.stack([q_BTNH, k_BSNH, v_BSNH], axis=2))
   if implementation == "pallas":
     return _splash(q_BTNH, k_BSNH, v_BSNH, interpret=platform == "cpu")
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True, implementation=implementation)
@@ -121,20 +121,21 @@ def causal_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, im
 def causal_attention_qkv(qkv_BT3NH: jax.Array, implementation: str, platform: str = "") -> jax.Array:
   """`causal_attention` of q, k and v packed as the projection makes them, [B, T, 3, N, H]; the output is [B, T, N, H].
 
-  Short 'causal_blocks' sequences (T <= QUERY_BLOCK) take `_short_causal`, which reads and writes the packed
-  array in one piece; the other kernels get q, k and v sliced out of it.
+  'causal_blocks' takes the packed array (a short sequence then reads and writes it in one piece); the other
+  kernels get q, k and v sliced out of it.
   """
   platform = platform or device_platform()
   implementation = resolve(implementation, qkv_BT3NH.dtype, platform)
-  if implementation == "causal_blocks" and qkv_BT3NH.shape[1] <= QUERY_BLOCK:
-    return _short_causal(qkv_BT3NH)
+  if implementation == "causal_blocks":
+    return _causal_blocks(qkv_BT3NH)
   return causal_attention(*(qkv_BT3NH[:, :, i] for i in range(3)), implementation, platform)
 
 
-def _causal_blocks(q_BTNH, k_BSNH, v_BSNH):
-  T = q_BTNH.shape[1]
+def _causal_blocks(qkv_BT3NH):
+  T = qkv_BT3NH.shape[1]
   if T <= QUERY_BLOCK:
-    return _short_causal(jnp.stack([q_BTNH, k_BSNH, v_BSNH], axis=2))
+    return _short_causal(qkv_BT3NH)
+  q_BTNH, k_BSNH, v_BSNH = (qkv_BT3NH[:, :, i] for i in range(3))
   outputs = []
   for start in range(0, T, QUERY_BLOCK):
     end = min(start + QUERY_BLOCK, T)
