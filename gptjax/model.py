@@ -176,6 +176,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, write: CacheWrite | None = None) -> tuple[jax.Array, LayerCache | None]:
     """(y_BTD, None) causally over x alone; with `write`, over the cache too: (y_BTD, the updated cache)."""
+    with jax.named_scope("attention_projections"):
+      qkv_BT3NH = self._qkv(x_BTD)
+    with jax.named_scope("attention"):
+      y_BTNH, cache = self._attend(qkv_BT3NH, write)
+    with jax.named_scope("attention_projections"):
+      return self._out(y_BTNH), cache
+
+  def _qkv(self, x_BTD: jax.Array) -> jax.Array:
+    """q, k and v packed as [B, T, 3, N, H]."""
     (B, T, D), dtype = x_BTD.shape, x_BTD.dtype
     x_MD = x_BTD.reshape(B * T, D)  # rows: see `_rows`
     # As [D, 3, N*H]: one output axis per q/k/v, so the kernel's gradient is one matmul per q/k/v without a
@@ -186,16 +195,21 @@ class Attention(nnx.Module):
       qkv_M3NH = qkv_M3NH + self.qkv_bias[...].astype(dtype)
     if self.qkv_adapter is not None:
       qkv_M3NH = qkv_M3NH + self.qkv_adapter(x_MD).reshape(qkv_M3NH.shape)
-    qkv_BT3NH = checkpoint_name(qkv_M3NH, "qkv").reshape(B, T, *qkv_M3NH.shape[1:])
-    cache = None
+    return checkpoint_name(qkv_M3NH, "qkv").reshape(B, T, *qkv_M3NH.shape[1:])
+
+  def _attend(self, qkv_BT3NH: jax.Array, write: CacheWrite | None) -> tuple[jax.Array, LayerCache | None]:
+    """y_BTNH, and the updated cache when decoding (`write`)."""
     if write is None:
-      y_BTNH = attention.causal_attention_qkv(qkv_BT3NH, self.cfg.attention, self.cfg.platform)
-    else:
-      q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
-      # Written before it is read: XLA then updates the cache in place (read-then-write costs a copy per token).
-      cache = LayerCache(*(attention.write_cache(c_ZSH, new_BTNH, write.start)
-                           for c_ZSH, new_BTNH in zip(write.cache, (k_BTNH, v_BTNH))))
-      y_BTNH = attention.cached_attention(q_BTNH, cache.k_ZSH, cache.v_ZSH, write.mask_BTS)
+      return attention.causal_attention_qkv(qkv_BT3NH, self.cfg.attention, self.cfg.platform), None
+    q_BTNH, k_BTNH, v_BTNH = (qkv_BT3NH[:, :, i] for i in range(3))
+    # Written before it is read: XLA then updates the cache in place (read-then-write costs a copy per token).
+    cache = LayerCache(*(attention.write_cache(c_ZSH, new_BTNH, write.start)
+                         for c_ZSH, new_BTNH in zip(write.cache, (k_BTNH, v_BTNH))))
+    return attention.cached_attention(q_BTNH, cache.k_ZSH, cache.v_ZSH, write.mask_BTS), cache
+
+  def _out(self, y_BTNH: jax.Array) -> jax.Array:
+    """The output projection [B, T, N, H] -> [B, T, D]."""
+    (B, T), dtype, D = y_BTNH.shape[:2], y_BTNH.dtype, self.cfg.n_embd
     y_MNH = y_BTNH.reshape(B * T, *y_BTNH.shape[2:])
     # Contracts (n, h) in storage order; an einsum "mnh,nhd" contracts (h, n), for which XLA transposes the
     # kernel on every call: once per token when decoding.
@@ -204,8 +218,7 @@ class Attention(nnx.Module):
       y_MD = y_MD + self.out_bias[...].astype(dtype)
     if self.out_adapter is not None:
       y_MD = y_MD + self.out_adapter(y_MNH.reshape(B * T, -1))
-    y_BTD = y_MD.reshape(B, T, D)
-    return y_BTD, cache
+    return y_MD.reshape(B, T, D)
 
 
 class MLP(nnx.Module):
@@ -222,7 +235,8 @@ class MLP(nnx.Module):
     self.proj_adapter = _adapter(cfg, "proj", F, D, rngs)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return _rows(self._per_row, x_BTD)
+    with jax.named_scope("mlp"):
+      return _rows(self._per_row, x_BTD)
 
   def _per_row(self, x_MD: jax.Array) -> jax.Array:
     h_MF = self.fc(x_MD)
@@ -247,10 +261,17 @@ class Block(nnx.Module):
                write: CacheWrite | None = None) -> tuple[jax.Array, LayerCache | None]:
     """(x_BTD, None), or with a cache `write` (decoding) (x_BTD, the layer's updated cache)."""
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-    deterministic = dropout_key is None
-    y_BTD, cache = self.attn(self.ln_1(x_BTD), write)
-    x_BTD = x_BTD + self.dropout(y_BTD, deterministic=deterministic, rngs=rngs)
-    return x_BTD + self.dropout(self.mlp(self.ln_2(x_BTD)), deterministic=deterministic, rngs=rngs), cache
+
+    def residual(x_BTD, y_BTD):
+      with jax.named_scope("residual"):
+        return x_BTD + self.dropout(y_BTD, deterministic=dropout_key is None, rngs=rngs)
+    with jax.named_scope("layer_norm"):
+      h_BTD = self.ln_1(x_BTD)
+    y_BTD, cache = self.attn(h_BTD, write)
+    x_BTD = residual(x_BTD, y_BTD)
+    with jax.named_scope("layer_norm"):
+      h_BTD = self.ln_2(x_BTD)
+    return residual(x_BTD, self.mlp(h_BTD)), cache
 
 
 # 'qkv_fc' keeps only the two widest projections' outputs (7 of the ~9 activations of width D per token that
@@ -300,7 +321,8 @@ class GPT(nnx.Module):
     T = tokens_BT.shape[1]
     if T > cfg.block_size:
       raise ValueError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}.")
-    x_BTD = sharding.constrain((self._embed(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype), ACTIVATION_AXES)
+    with jax.named_scope("embedding"):
+      x_BTD = sharding.constrain((self._embed(tokens_BT) + self.wpe.embedding[:T]).astype(cfg.dtype), ACTIVATION_AXES)
     if dropout_key is not None and cfg.dropout > 0:
       embed_key, dropout_key = jax.random.split(dropout_key)
       x_BTD = self.dropout(x_BTD, rngs=nnx.Rngs(dropout=embed_key))
@@ -309,12 +331,15 @@ class GPT(nnx.Module):
     B = x_BTD.shape[0]
     groups = math.gcd(cfg.row_groups, B)
     if groups == 1:
-      return self.ln_f(self._blocks(x_BTD, dropout_key))
-    # Row b in group b % groups (strided: a batch split over devices stays split the same way in every group).
-    x_RGTD = x_BTD.reshape(B // groups, groups, *x_BTD.shape[1:])
-    keys = [None if dropout_key is None else jax.random.fold_in(dropout_key, g) for g in range(groups)]
-    x_RGTD = jnp.stack([self._blocks(x_RGTD[:, g], keys[g]) for g in range(groups)], axis=1)
-    return self.ln_f(x_RGTD.reshape(x_BTD.shape))
+      x_BTD = self._blocks(x_BTD, dropout_key)
+    else:
+      # Row b in group b % groups (strided: a batch split over devices stays split the same way in every group).
+      x_RGTD = x_BTD.reshape(B // groups, groups, *x_BTD.shape[1:])
+      keys = [None if dropout_key is None else jax.random.fold_in(dropout_key, g) for g in range(groups)]
+      x_RGTD = jnp.stack([self._blocks(x_RGTD[:, g], keys[g]) for g in range(groups)], axis=1)
+      x_BTD = x_RGTD.reshape(x_BTD.shape)
+    with jax.named_scope("final_norm"):
+      return self.ln_f(x_BTD)
 
   def _blocks(self, x_BTD: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
     """The residual stream after every block."""

@@ -167,24 +167,13 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None,
     else:
       def body(carry, xs):
         loss, grads = micro_step(*xs)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        with jax.named_scope("gradient_accumulation"):
+          return jax.tree.map(jnp.add, carry, (loss, grads)), None
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch_KB))
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply_update(operands):
-      params, opt_state, grads = operands
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-    # A NaN/Inf loss or gradient leaves parameters and optimizer state as they were (train.nonfinite).
-    operands = (params, state["opt_state"], grads)
-    if guard_as_conditional(mesh):
-      new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands[:2], operands)
-    else:
-      keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_params, new_opt_state = keep_if_finite(apply_update(operands), operands[:2])
+    with jax.named_scope("optimizer"):
+      new_params, new_opt_state, grad_norm, finite = _guarded_update(tx, params, state["opt_state"], grads, loss, mesh)
     updated = {"step": state["step"] + 1, "skipped": state["skipped"] + (~finite).astype(jnp.int32),
                "params": new_params, "opt_state": new_opt_state}
     metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
@@ -196,6 +185,26 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None,
   in_shardings = (shardings, batch_spec) + (() if frozen_shardings is None else (frozen_shardings,))
   return jax.jit(sharding.under_mesh(train_step, mesh, config.mesh.rules), in_shardings=in_shardings,
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _guarded_update(tx, params, opt_state, grads, loss, mesh: Mesh):
+  """(params, opt_state) after one optimizer update, or as they were when the loss or a gradient is not finite
+  (train.nonfinite); and the gradients' global norm and whether they were finite."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def apply_update(operands):
+    params, opt_state, grads = operands
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  # A NaN/Inf loss or gradient leaves parameters and optimizer state as they were (train.nonfinite).
+  operands = (params, opt_state, grads)
+  if guard_as_conditional(mesh):
+    new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands[:2], operands)
+  else:
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_params, new_opt_state = keep_if_finite(apply_update(operands), operands[:2])
+  return new_params, new_opt_state, grad_norm, finite
 
 
 def make_eval_step(graphdef, config, shardings, mesh: Mesh):
