@@ -240,3 +240,64 @@ def floors(model_cfg, tokens_per_micro_batch: int, tokens_per_step: int) -> dict
                 else 0.0, "optimizer update": (3 * 8 + 4) * params / tokens_per_step,
                 WEIGHT_CASTS: (4 + c) * params / tokens_per_step if c < 4 else 0.0, OTHER: 0.0})
   return table
+
+
+def step_anatomy(config, model_cfg, plan: dict, programs: dict, n_devices: int, top: int = 20) -> dict:
+  """Bytes and FLOPs per token of a planned train step, by part, beside the compiler's totals and each floor.
+
+  `programs` are `plan.step_bytes_accessed`'s loop-free programs: the step at 1 and 2 layers ('one', 'two') and the
+  optimizer update ('update'). The parts come from the 1-layer step's instructions, a block's parts counted
+  n_layer times, the optimizer's from the update program once per step; `top` names the 1-layer step's costliest
+  instructions. Per token means per token one device processes.
+  """
+  L, T = model_cfg.n_layer, model_cfg.block_size
+  dp = plan["mesh"]["data"] * plan["mesh"]["fsdp"]
+  micro_tokens = plan["micro_batch"] * T * dp / n_devices
+  step_tokens = micro_tokens * plan["accumulation"]
+  one = instructions(programs["one"].as_text())
+  update = instructions(programs["update"].as_text())
+  compiler = {k: float(programs[k].cost_analysis()["bytes accessed"]) for k in ("one", "two", "update")}
+  rows = {}
+  for part, row in by_part([i for i in one if i.part != "optimizer update"]).items():
+    times = L if part in BLOCK_PARTS else 1
+    rows[part] = {"bytes_per_token": row["bytes"] * times / micro_tokens,
+                  "flops_per_token": row["flops"] * times / micro_tokens}
+  rows["optimizer update"] = {"bytes_per_token": sum(i.bytes for i in update) / step_tokens,
+                              "flops_per_token": sum(i.flops for i in update) / step_tokens}
+  floor = floors(model_cfg, micro_tokens, step_tokens)
+  for part, row in rows.items():
+    row["floor_bytes_per_token"] = floor.get(part, 0.0)
+  block = compiler["two"] - compiler["one"]
+  micro_step = compiler["one"] + (L - 1) * block - compiler["update"]
+  return {
+      "tokens_per_micro_batch": micro_tokens, "micro_batches": plan["accumulation"],
+      "compiler_bytes_per_token": (plan["accumulation"] * micro_step + compiler["update"]) / step_tokens,
+      "compiler_block_bytes_per_token": block / micro_tokens,
+      "compiler_outside_blocks_bytes_per_token": (compiler["one"] - block - compiler["update"]) / micro_tokens,
+      "compiler_update_bytes_per_step": compiler["update"],
+      "parts": rows, "floor_bytes_per_token": sum(floor.values()),
+      "instructions_bytes_per_token": sum(r["bytes_per_token"] for r in rows.values()),
+      "top": [dataclasses.asdict(i) | {"bytes_per_token": i.bytes / micro_tokens}
+              for i in sorted(one, key=lambda i: -i.bytes)[:top]]}
+
+
+def print_anatomy(anatomy: dict) -> None:
+  """The anatomy for a person: parts against their floors, then the costliest instructions."""
+  kb = lambda b: f"{b / 1e3:8.1f} KB"
+  print(f"step anatomy, per token ({anatomy['tokens_per_micro_batch']:.0f} tokens per micro-batch per chip x "
+        f"{anatomy['micro_batches']} micro-batches): the compiler's bytes accessed "
+        f"{anatomy['compiler_bytes_per_token'] / 1e6:.2f} MB per token (a block {kb(anatomy['compiler_block_bytes_per_token']).strip()}, "
+        f"outside the blocks {kb(anatomy['compiler_outside_blocks_bytes_per_token']).strip()}, the optimizer update "
+        f"{anatomy['compiler_update_bytes_per_step'] / 1e9:.2f} GB per step)")
+  print(f"  {'part':46s} {'bytes/token':>11s} {'floor':>11s} {'x floor':>8s} {'FLOP/token':>11s}")
+  for part, row in anatomy["parts"].items():
+    over = row["bytes_per_token"] / row["floor_bytes_per_token"] if row["floor_bytes_per_token"] else float("inf")
+    print(f"  {part:46s} {kb(row['bytes_per_token']):>11s} {kb(row['floor_bytes_per_token']):>11s} "
+          f"{over:7.1f}x {row['flops_per_token'] / 1e6:9.1f} M")
+  print(f"  {'sum of the instructions':46s} {kb(anatomy['instructions_bytes_per_token']):>11s} "
+        f"{kb(anatomy['floor_bytes_per_token']):>11s}   ({anatomy['instructions_bytes_per_token'] / anatomy['compiler_bytes_per_token']:.0%} "
+        "of the compiler's total: the rest is TPU layout padding of custom calls and moves, costed here unpadded)")
+  print(f"the {len(anatomy['top'])} costliest instructions of the 1-layer step (bytes per token of one occurrence):")
+  for i in anatomy["top"]:
+    print(f"  {kb(i['bytes_per_token'])} {i['opcode']:11s} {i['part'][:24]:24s} {i['source'] or '(no gptjax line)'}"
+          f"  {i['shape'][:60]}")

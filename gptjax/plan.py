@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from gptjax import attention, config as config_lib, sharding, train
+from gptjax import anatomy as anatomy_lib, attention, config as config_lib, sharding, train
 
 HEADROOM = 0.85  # of device memory: XLA's estimate excludes allocator fragmentation and the input pipeline
 
@@ -257,28 +257,21 @@ def variants(config, devices, plan: dict, hbm_bytes: int) -> list[dict]:
   return rows
 
 
-def step_bytes_accessed(config, devices, plan: dict) -> float:
-  """HBM bytes one device moves in a train step, from the compiler's cost analysis.
+def micro_step_program(config, mesh, micro: int, n_layer: int):
+  """The train step compiled without loops (one micro-batch of `micro` sequences per data-parallel shard, layers
+  unrolled, `n_layer` of them): XLA's cost analysis counts a loop body once, so only such a program's `bytes
+  accessed` is every byte it moves."""
+  small = config.copy_and_resolve_references()
+  small.model.update(n_layer=n_layer, scan_layers=False)
+  small.train.update(batch_size=micro * config_lib.data_parallel_degree(config, mesh.size), micro_batch_size=0)
+  tx = train.make_optimizer(small)
+  graphdef, abstract, shardings = train.abstract_state(small, _model_config(small, mesh), mesh, tx)
+  step = train.make_train_step(graphdef, tx, small, shardings, mesh)
+  return step.lower(abstract, abstract_batch(small, mesh)).compile()
 
-  The analysis counts a loop body once (the scan over layers, the accumulation loop), so it is read off loop-free
-  programs: the step without accumulation at the plan's micro-batch with its layers unrolled, compiled at 1 and 2
-  layers and extrapolated to n_layer (the layers are identical), times the micro-batches, with the optimizer
-  update (compiled on its own at full depth) counted once.
-  """
-  mesh = sharding.make_mesh(config, devices)
-  dp = config_lib.data_parallel_degree(config, mesh.size)
 
-  def compiled_bytes(n_layer: int) -> float:
-    small = config.copy_and_resolve_references()
-    small.model.update(n_layer=n_layer, scan_layers=False)
-    small.train.update(batch_size=plan["micro_batch"] * dp, micro_batch_size=0)
-    model_cfg = _model_config(small, mesh)
-    tx = train.make_optimizer(small)
-    graphdef, abstract, shardings = train.abstract_state(small, model_cfg, mesh, tx)
-    step = train.make_train_step(graphdef, tx, small, shardings, mesh)
-    return step.lower(abstract, abstract_batch(small, mesh)).compile().cost_analysis()["bytes accessed"]
-
-  one, two = compiled_bytes(1), compiled_bytes(2)
+def update_program(config, mesh):
+  """The optimizer update alone at full depth (parameters, moments and gradients in, updated state out)."""
   tx = train.make_optimizer(config)
   _, abstract, shardings = train.abstract_state(config, _model_config(config, mesh), mesh, tx)
 
@@ -286,9 +279,30 @@ def step_bytes_accessed(config, devices, plan: dict) -> float:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
   params, opt_state = abstract["params"], abstract["opt_state"]
-  update_bytes = jax.jit(update, in_shardings=(shardings["params"], shardings["opt_state"], shardings["params"]),
-                         out_shardings=(shardings["params"], shardings["opt_state"]), donate_argnums=(0, 1)).lower(
-                             params, opt_state, params).compile().cost_analysis()["bytes accessed"]
+  return jax.jit(update, in_shardings=(shardings["params"], shardings["opt_state"], shardings["params"]),
+                 out_shardings=(shardings["params"], shardings["opt_state"]), donate_argnums=(0, 1)).lower(
+                     params, opt_state, params).compile()
+
+
+def bytes_accessed(compiled) -> float:
+  """The compiler's `bytes accessed` of a compiled program."""
+  return float(compiled.cost_analysis()["bytes accessed"])
+
+
+def step_bytes_accessed(config, devices, plan: dict, programs: dict | None = None) -> float:
+  """HBM bytes one device moves in a train step, from the compiler's cost analysis.
+
+  The analysis counts a loop body once (the scan over layers, the accumulation loop), so it is read off loop-free
+  programs: the step without accumulation at the plan's micro-batch with its layers unrolled, compiled at 1 and 2
+  layers and extrapolated to n_layer (the layers are identical), times the micro-batches, with the optimizer
+  update (compiled on its own at full depth) counted once. `programs` ({'one', 'two', 'update'}), if given,
+  receives the compiled programs.
+  """
+  mesh = sharding.make_mesh(config, devices)
+  programs = {} if programs is None else programs
+  programs.update(one=micro_step_program(config, mesh, plan["micro_batch"], 1),
+                  two=micro_step_program(config, mesh, plan["micro_batch"], 2), update=update_program(config, mesh))
+  one, two, update_bytes = (bytes_accessed(programs[k]) for k in ("one", "two", "update"))
   micro_step = one + (config.model.n_layer - 1) * (two - one) - update_bytes
   return plan["accumulation"] * micro_step + update_bytes
 
@@ -318,10 +332,11 @@ def state_rows(config, n_devices: int, tensor: int = 1) -> list[dict]:
   return rows
 
 
-def plan_tpu(config, slice_) -> dict:
+def plan_tpu(config, slice_, anatomy: bool = False) -> dict:
   """The run's train step compiled by the TPU compiler for the slice `slice_` (gptjax.tpu.Slice): per-chip memory,
   the micro-batch (train.micro_batch_size=-1 searched as the run searches it), collectives, a roofline estimate of
-  the step time; when it does not fit, the state per chip, the FSDP degree that holds it, and remat variants."""
+  the step time; when it does not fit, the state per chip, the FSDP degree that holds it, and remat variants.
+  With `anatomy`, a step that fits also gets its bytes and FLOPs per token by part (gptjax.anatomy)."""
   from gptjax import tpu
   chip, hbm = slice_.chip, slice_.chip.hbm_bytes
   devices = tpu.devices(slice_)
@@ -348,7 +363,10 @@ def plan_tpu(config, slice_) -> dict:
   plan["fits"] = plan["compiled"] and plan["total_bytes"] <= hbm
   if plan["fits"]:
     compute = plan["model_flops_per_step"] / (slice_.chips * chip.bf16_flops)
-    memory = step_bytes_accessed(config, devices, plan) / chip.hbm_bytes_per_s
+    programs = {}
+    memory = step_bytes_accessed(config, devices, plan, programs) / chip.hbm_bytes_per_s
+    if anatomy:
+      plan["anatomy"] = anatomy_lib.step_anatomy(config, _model_config(config, mesh), plan, programs, slice_.chips)
     plan.update(roofline_compute_s=compute, roofline_memory_s=memory, step_time_bound_s=max(compute, memory),
                 mfu_ceiling=compute / max(compute, memory))
   else:
@@ -407,6 +425,8 @@ def print_tpu_plan(plan: dict, libtpu_version: str) -> None:
             f"~{row['max_micro_batch']}")
     else:
       print(f"  with model.dtype={row['dtype']} model.remat={row['remat']}: still refused: {row['compiler_error']}")
+  if "anatomy" in plan:
+    anatomy_lib.print_anatomy(plan["anatomy"])
   print(json.dumps(plan))
 
 
@@ -425,8 +445,10 @@ def _main(argv):
     slice_ = tpu.parse(f.tpu)
     tpu.devices(slice_)  # a missing libtpu is one error line before any work
     config_lib.validate(config, slice_.chips)
-    print_tpu_plan(plan_tpu(config, slice_), tpu.libtpu_version())
+    print_tpu_plan(plan_tpu(config, slice_, anatomy=f.anatomy), tpu.libtpu_version())
     return
+  if f.anatomy:
+    raise config_lib.ConfigError("--anatomy reads the TPU compiler's numbers: give it with --tpu=TYPE (e.g. v5e-1).")
   if config.train.micro_batch_size == -1:
     config.train.micro_batch_size = f.micro_batch
   config_lib.validate(config, f.devices)
@@ -485,6 +507,9 @@ if __name__ == "__main__":
                       "CPU devices; --devices and --hbm_gib then come from the type.")
   flags.DEFINE_enum("platform", None, ["tpu", "cuda", "cpu"], "Instead of the memory plan: lower the train step "
                     "for this platform (jax.export, no device needed) and report the attention kernel as lowered.")
+  flags.DEFINE_bool("anatomy", False, "With --tpu: also the step's bytes and FLOPs per token by part (embedding, "
+                    "attention, MLP, layer norms, LM head + loss, optimizer, ...) against each part's floor, and its "
+                    "costliest instructions with their gptjax source lines (gptjax.anatomy).")
   flags.DEFINE_bool("variants", True, "When the plan exceeds hbm_gib, also compile it with bfloat16 activations "
                     "and remat (one compile each) and report their measured memory.")
   flags.mark_flag_as_required("config")
