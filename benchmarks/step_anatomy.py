@@ -28,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks.common import median, report, time_calls
-from gptjax import config as config_lib, sharding, train
+from gptjax import anatomy, config as config_lib, sharding, train
 from gptjax.model import GPTConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Model and optimizer config.")
@@ -45,25 +45,9 @@ CONTAINERS = {"while", "conditional", "call"}
 
 
 def _frames(hlo: str) -> dict[int, str]:
-  """stack_frame_id -> 'file.py:function' of the innermost gptjax frame, from the program text's tables."""
-  tables = {name: {} for name in ("FileNames", "FunctionNames", "FileLocations", "StackFrames")}
-  section = None
-  for line in hlo.splitlines():
-    key, _, value = line.partition(" ")
-    if line in tables:
-      section = tables[line]
-    elif section is not None and key.isdigit():
-      section[int(key)] = value
-    else:
-      section = None
-  locations = {}
-  for key, value in tables["FileLocations"].items():
-    file_id = int(re.search(r"file_name_id=(\d+)", value).group(1))
-    function_id = int(re.search(r"function_name_id=(\d+)", value).group(1))
-    file = os.path.basename(tables["FileNames"].get(file_id, '""').strip('"'))
-    locations[key] = f"{file}:{tables['FunctionNames'].get(function_id, '?').strip(chr(34))}"
-  return {key: locations.get(int(re.search(r"file_location_id=(\d+)", value).group(1)), "?")
-          for key, value in tables["StackFrames"].items()}
+  """stack_frame_id -> 'file.py:function' of the innermost gptjax frame (gptjax.anatomy reads the tables)."""
+  short = lambda where: re.sub(r"^gptjax/(?:\w+/)*([\w]+\.py):\d+ ", r"\1:", where) if where else "?"
+  return {key: short(where) for key, where in anatomy.source_lines(hlo).items()}
 
 
 def _instructions(hlo: str) -> dict[str, tuple[str, str, str]]:

@@ -246,22 +246,25 @@ def step_anatomy(config, model_cfg, plan: dict, programs: dict, n_devices: int, 
   """Bytes and FLOPs per token of a planned train step, by part, beside the compiler's totals and each floor.
 
   `programs` are `plan.step_bytes_accessed`'s loop-free programs: the step at 1 and 2 layers ('one', 'two') and the
-  optimizer update ('update'). The parts come from the 1-layer step's instructions, a block's parts counted
-  n_layer times, the optimizer's from the update program once per step; `top` names the 1-layer step's costliest
-  instructions. Per token means per token one device processes.
+  optimizer update ('update'). A part's bytes are its instructions' in the 1-layer step plus n_layer - 1 times what
+  the second layer adds to them (layout copies and prefetches the compiler adds per layer included); the optimizer's
+  come from the update program, once per step. `top` names the 1-layer step's costliest instructions. Per token
+  means per token one device processes.
   """
   L, T = model_cfg.n_layer, model_cfg.block_size
   dp = plan["mesh"]["data"] * plan["mesh"]["fsdp"]
   micro_tokens = plan["micro_batch"] * T * dp / n_devices
   step_tokens = micro_tokens * plan["accumulation"]
-  one = instructions(programs["one"].as_text())
-  update = instructions(programs["update"].as_text())
+  one, two, update = (instructions(programs[k].as_text()) for k in ("one", "two", "update"))
   compiler = {k: float(programs[k].cost_analysis()["bytes accessed"]) for k in ("one", "two", "update")}
+  zero = {"bytes": 0.0, "flops": 0.0}
+  by_one, by_two = by_part(one), by_part(two)
   rows = {}
-  for part, row in by_part([i for i in one if i.part != "optimizer update"]).items():
-    times = L if part in BLOCK_PARTS else 1
-    rows[part] = {"bytes_per_token": row["bytes"] * times / micro_tokens,
-                  "flops_per_token": row["flops"] * times / micro_tokens}
+  for part in PARTS:
+    if part == "optimizer update" or part not in by_one:
+      continue
+    a, b = by_one[part], by_two.get(part, zero)
+    rows[part] = {k + "_per_token": (a[k] + (L - 1) * (b[k] - a[k])) / micro_tokens for k in ("bytes", "flops")}
   rows["optimizer update"] = {"bytes_per_token": sum(i.bytes for i in update) / step_tokens,
                               "flops_per_token": sum(i.flops for i in update) / step_tokens}
   floor = floors(model_cfg, micro_tokens, step_tokens)
@@ -296,7 +299,7 @@ def print_anatomy(anatomy: dict) -> None:
           f"{over:7.1f}x {row['flops_per_token'] / 1e6:9.1f} M")
   print(f"  {'sum of the instructions':46s} {kb(anatomy['instructions_bytes_per_token']):>11s} "
         f"{kb(anatomy['floor_bytes_per_token']):>11s}   ({anatomy['instructions_bytes_per_token'] / anatomy['compiler_bytes_per_token']:.0%} "
-        "of the compiler's total: the rest is TPU layout padding of custom calls and moves, costed here unpadded)")
+        "of the compiler's total: the rest is mostly the TPU's tile padding, which the compiler counts and this does not)")
   print(f"the {len(anatomy['top'])} costliest instructions of the 1-layer step (bytes per token of one occurrence):")
   for i in anatomy["top"]:
     print(f"  {kb(i['bytes_per_token'])} {i['opcode']:11s} {i['part'][:24]:24s} {i['source'] or '(no gptjax line)'}"

@@ -186,15 +186,28 @@ _short_causal.defvjp(_short_causal_fwd, _short_causal_bwd)
 
 
 def _splash(q_BTNH, k_BSNH, v_BSNH, interpret: bool):
-  """Splash attention, each device over its own batch rows and heads (as the traced step's rules place them)."""
+  """Splash attention on [B, T, N, H]: moved to the heads-major layout its kernel reads, and back."""
+  to_BNTH = lambda x_BTNH: x_BTNH.transpose(0, 2, 1, 3)
+  return splash_heads_major(to_BNTH(q_BTNH), to_BNTH(k_BSNH), to_BNTH(v_BSNH), interpret).transpose(0, 2, 1, 3)
+
+
+def causal_attention_heads_major(qkv_3BNTH: jax.Array, platform: str = "") -> jax.Array:
+  """Splash attention of q, k and v projected straight into the layout its kernel reads, [3, B, N, T, H] (see
+  `model.Attention`); the output is [B, N, T, H]."""
+  return splash_heads_major(*qkv_3BNTH, interpret=(platform or device_platform()) == "cpu")
+
+
+def splash_heads_major(q_BNTH, k_BNSH, v_BNSH, interpret: bool) -> jax.Array:
+  """Splash attention on [B, N, T, H], each device over its own batch rows and heads (as the traced step's rules
+  place them)."""
   local = functools.partial(_splash_local, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(q_BTNH, k_BSNH, v_BSNH)
-  spec = _rows_and_heads(q_BTNH.shape, mesh, sharding.current_rules())
+    return local(q_BNTH, k_BNSH, v_BNSH)
+  spec = sharding.logical_to_spec(("batch", "heads", None, None), q_BNTH.shape, sharding.current_rules(), mesh)
   # The kernel's pallas_call does not declare how its outputs vary over the mesh: no vma check.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
-      q_BTNH, k_BSNH, v_BSNH)
+      q_BNTH, k_BNSH, v_BNSH)
 
 
 def _rows_and_heads(shape_BTNH, mesh, rules):
@@ -202,15 +215,15 @@ def _rows_and_heads(shape_BTNH, mesh, rules):
   return sharding.logical_to_spec(("batch", None, "heads", None), shape_BTNH, rules, mesh)
 
 
-def _splash_local(q_BTNH, k_BSNH, v_BSNH, interpret: bool):
-  B, T, N, H = q_BTNH.shape
+def _splash_local(q_BNTH, k_BNSH, v_BNSH, interpret: bool):
+  B, N, T, H = q_BNTH.shape
   T_pad = _splash_length(T)
   kernel = _splash_kernel(N, T_pad, interpret)
-  to_BNTH = lambda x_BTNH: jnp.pad(x_BTNH, ((0, 0), (0, T_pad - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  padded = lambda x_BNTH: jnp.pad(x_BNTH, ((0, 0), (0, 0), (0, T_pad - T), (0, 0)))
   # The kernel does not scale the logits.
-  q_BNTH = to_BNTH(q_BTNH * jnp.asarray(1 / np.sqrt(H), q_BTNH.dtype))
-  y_BNTH = jax.vmap(kernel)(q_BNTH, to_BNTH(k_BSNH), to_BNTH(v_BSNH))
-  return y_BNTH.transpose(0, 2, 1, 3)[:, :T]
+  y_BNTH = jax.vmap(kernel)(padded(q_BNTH * jnp.asarray(1 / np.sqrt(H), q_BNTH.dtype)), padded(k_BNSH),
+                            padded(v_BNSH))
+  return y_BNTH[:, :, :T]
 
 
 def _splash_length(T: int) -> int:

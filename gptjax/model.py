@@ -176,12 +176,37 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, write: CacheWrite | None = None) -> tuple[jax.Array, LayerCache | None]:
     """(y_BTD, None) causally over x alone; with `write`, over the cache too: (y_BTD, the updated cache)."""
+    if write is None and attention.resolve(self.cfg.attention, x_BTD.dtype, self.cfg.platform) == "pallas":
+      return self._heads_major(x_BTD), None
     with jax.named_scope("attention_projections"):
       qkv_BT3NH = self._qkv(x_BTD)
     with jax.named_scope("attention"):
       y_BTNH, cache = self._attend(qkv_BT3NH, write)
     with jax.named_scope("attention_projections"):
       return self._out(y_BTNH), cache
+
+  def _heads_major(self, x_BTD: jax.Array) -> jax.Array:
+    """Attention for splash, whose kernel reads [B, N, T, H]: q, k and v are projected straight into that layout
+    and the output projected straight out of it, so that no tensor of the block is moved between layouts around the
+    kernel (TPU compiler, GPT-2 small on v5e-1: 0.4 GB fewer bytes per layer per micro-batch of 8 x 1024)."""
+    (B, T, D), dtype = x_BTD.shape, x_BTD.dtype
+    N, H = self.cfg.n_head, self.cfg.head_dim
+    with jax.named_scope("attention_projections"):
+      qkv_3BNTH = jnp.einsum("btd,dcnh->cbnth", x_BTD, self.qkv_kernel[...].astype(dtype))
+      if self.cfg.bias:
+        qkv_3BNTH = qkv_3BNTH + self.qkv_bias[...].astype(dtype)[:, None, :, None, :]
+      if self.qkv_adapter is not None:
+        qkv_3BNTH = qkv_3BNTH + self.qkv_adapter(x_BTD).reshape(B, T, 3, N, H).transpose(2, 0, 3, 1, 4)
+      qkv_3BNTH = checkpoint_name(qkv_3BNTH, "qkv")
+    with jax.named_scope("attention"):
+      y_BNTH = attention.causal_attention_heads_major(qkv_3BNTH, self.cfg.platform)
+    with jax.named_scope("attention_projections"):
+      y_BTD = jnp.einsum("bnth,nhd->btd", y_BNTH, self.out_kernel[...].astype(dtype))
+      if self.cfg.bias:
+        y_BTD = y_BTD + self.out_bias[...].astype(dtype)
+      if self.out_adapter is not None:
+        y_BTD = y_BTD + self.out_adapter(y_BNTH.transpose(0, 2, 1, 3).reshape(B, T, N * H))
+      return y_BTD
 
   def _qkv(self, x_BTD: jax.Array) -> jax.Array:
     """q, k and v packed as [B, T, 3, N, H]."""

@@ -45,3 +45,19 @@ def test_token_losses_and_weighted_gradients_equal_numpy():
   np.testing.assert_allclose(dh, dlogits_BTV @ wte_VD, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dwte, np.einsum("btv,btd->vd", dlogits_BTV, h_BTD), rtol=1e-5, atol=1e-5)
   assert not np.asarray(dh)[weights_BT == 0].any()
+
+
+@pytest.mark.parametrize("dtype, rtol, grad_tol", [(jnp.float32, 1e-5, 1e-5), (jnp.bfloat16, 1e-2, 3e-2)])
+def test_fused_loss_equals_the_reference_at_gpt2s_vocabulary(dtype, rtol, grad_tol):
+  """Random logits over GPT-2's padded vocabulary (50304): bfloat16 logits keep the loss and gradients within
+  bfloat16's tolerance of the float32 reference, float32 within float32's."""
+  h = (jax.random.normal(jax.random.key(0), (2, 32, 64)) * 2).astype(dtype)
+  wte = jax.random.normal(jax.random.key(1), (50304, 64)) * 0.3
+  targets = jax.random.randint(jax.random.key(2), (2, 32), 0, 50304)
+  loss, (dh, dwte) = jax.value_and_grad(losses.lm_cross_entropy, argnums=(0, 1))(h, wte, targets)
+  ref, (ref_dh, ref_dwte) = jax.value_and_grad(_reference_cross_entropy, argnums=(0, 1))(
+      h.astype(jnp.float32), wte, targets)
+  np.testing.assert_allclose(loss, ref, rtol=rtol)
+  for grad, expected in ((dh.astype(jnp.float32), ref_dh), (dwte, ref_dwte)):
+    scale = float(jnp.abs(expected).max())
+    np.testing.assert_allclose(grad, expected, atol=grad_tol * scale)

@@ -64,6 +64,22 @@ def test_switches_give_the_same_loss_and_gradients(variant):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), other_grads, grads)
 
 
+def test_splash_projects_adapted_qkv_and_output_straight_into_and_out_of_its_layout():
+  """With splash (heads-major projections) the LoRA adapters on qkv and out give the loss and gradients of 'xla'."""
+  adapters = dict(adapter="lora", adapter_rank=2, adapter_targets=("qkv", "out"))
+  tokens = jnp.asarray(random_tokens((2, 65), vocab=96))
+  graphdef, state = nnx.split(_model(**adapters))
+  params = jax.tree_util.tree_map_with_path(  # adapters that change the output: B not zero
+      lambda path, x: x + 0.1 if "adapter" in jax.tree_util.keystr(path) else x, nnx.to_pure_dict(state))
+  results = []
+  for kernel in ("xla", "pallas"):
+    graphdef, _ = nnx.split(_model(attention=kernel, **adapters))
+    results.append(jax.value_and_grad(train.loss_fn)(params, graphdef, tokens, None))
+  (loss, grads), (pallas_loss, pallas_grads) = results
+  np.testing.assert_allclose(pallas_loss, loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), pallas_grads, grads)
+
+
 def test_row_groups_run_the_blocks_once_per_group_from_the_config():
   """model.row_groups reaches the model through GPTConfig.from_config: each group has its own chain of block
   matmuls (4 per layer: qkv, out, fc, proj); a batch the setting does not divide uses their common divisor."""

@@ -143,7 +143,7 @@ def test_cli_tpu_says_the_state_alone_exceeds_one_chip_and_how_many_chips_of_fsd
 @needs_libtpu
 def test_cli_tpu_compiles_the_step_for_a_slice_with_fsdp_and_reports_the_compilers_numbers():
   result = _plan_cli("--config=configs/quickstart.py", "--tpu=v5p-8", "--config.model.dtype=bfloat16",
-                     "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+                     "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--anatomy")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.splitlines()[-1])
   assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -158,3 +158,20 @@ def test_cli_tpu_compiles_the_step_for_a_slice_with_fsdp_and_reports_the_compile
       report["collectives"]["all-reduce"] > 0  # FSDP: weights gathered, gradients reduced
   assert 0 < report["roofline_compute_s"] <= report["step_time_bound_s"] and 0 < report["mfu_ceiling"] <= 1
   assert "(TPU compiler's memory_analysis)" in result.stdout and "roofline:" in result.stdout
+  # --anatomy: the step's bytes per token by part, from the TPU compiler's program, against each part's floor.
+  anatomy = report["anatomy"]
+  assert "step anatomy, per token" in result.stdout and "costliest instructions" in result.stdout
+  for part in ("embedding", "layer norms", "attention projections", "attention (kernel)", "MLP", "LM head + loss",
+               "optimizer update"):
+    row = anatomy["parts"][part]
+    assert row["bytes_per_token"] > 0 and row["floor_bytes_per_token"] > 0, part
+  # The instructions, costed one at a time, account for the compiler's whole-program figure but for layout padding.
+  assert 0.6 <= anatomy["instructions_bytes_per_token"] / anatomy["compiler_bytes_per_token"] <= 1.1
+  assert anatomy["parts"]["MLP"]["flops_per_token"] > 0 and len(anatomy["top"]) == 20
+  assert any(i["source"].startswith("gptjax/") for i in anatomy["top"])
+
+
+def test_anatomy_without_a_tpu_is_one_error_line():
+  result = _plan_cli("--config=configs/quickstart.py", "--anatomy")
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --anatomy reads the TPU compiler's numbers")
