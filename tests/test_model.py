@@ -70,7 +70,7 @@ def test_splash_projects_adapted_qkv_and_output_straight_into_and_out_of_its_lay
   tokens = jnp.asarray(random_tokens((2, 65), vocab=96))
   graphdef, state = nnx.split(_model(**adapters))
   params = jax.tree_util.tree_map_with_path(  # adapters that change the output: B not zero
-      lambda path, x: x + 0.1 if "adapter" in jax.tree_util.keystr(path) else x, nnx.to_pure_dict(state))
+      lambda path, x: x + 0.01 if "adapter" in jax.tree_util.keystr(path) else x, nnx.to_pure_dict(state))
   results = []
   for kernel in ("xla", "pallas"):
     graphdef, _ = nnx.split(_model(attention=kernel, **adapters))
