@@ -7,7 +7,9 @@ program (`compiled.as_text()`) into its top-level instructions (fusions, copies,
   rebuilt as a one-instruction program), or from its operand and result shapes where that cannot be costed
   (TPU custom calls such as splash attention, asynchronous copies and slices);
 - the part of the step it belongs to, from the named scopes the model code opens (`PART_OF_SCOPE`; the backward
-  pass keeps the forward's scopes) — weight casts recognised as casts of the step's parameters;
+  pass keeps the forward's scopes); an instruction outside every scope (a layout copy, the compiler's prefetch of
+  a tensor into on-chip memory and back) belongs to the part that produced its operand, and casts and moves of the
+  step's parameters and optimizer state are a part of their own;
 - the gptjax source line that produced it (the program's stack-frame tables).
 
 `python -m gptjax.plan --tpu=TYPE --anatomy` puts this beside the compiler's totals and each part's analytical
@@ -23,8 +25,8 @@ PART_OF_SCOPE = {  # named scope in the model and train step -> part (the innerm
     "attention_projections": "attention projections", "attention": "attention (kernel)", "mlp": "MLP",
     "residual": "residual adds", "lm_head": "LM head + loss", "gradient_accumulation": "gradient accumulation",
     "optimizer": "optimizer update"}
-WEIGHT_CASTS, OTHER = "weight casts", "other (layout copies and ops without a scope)"
-PARTS = tuple(dict.fromkeys(PART_OF_SCOPE.values())) + (WEIGHT_CASTS, OTHER)
+WEIGHTS, OTHER = "weights: casts and moves", "other (no scope, not from a parameter)"
+PARTS = tuple(dict.fromkeys(PART_OF_SCOPE.values())) + (WEIGHTS, OTHER)
 BLOCK_PARTS = ("layer norms", "attention projections", "attention (kernel)", "MLP", "residual adds")
 
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -153,7 +155,7 @@ def instructions(hlo: str, cost_client=None) -> list[Instruction]:
   lines = source_lines(hlo)
   parsed = [(_INSTRUCTION.match(line), line) for line in comps[entry][1:-1]]
   shapes = {m.group(1): m.group(2) for m, _ in parsed if m}
-  params = _parameter_names(parsed)
+  part_of_instruction = _attribution(parsed)
   out = []
   for match, line in parsed:
     if not match or match.group(3) in _BOOKKEEPING or match.group(3).endswith(("-done", "-update")):
@@ -169,11 +171,9 @@ def instructions(hlo: str, cost_client=None) -> list[Instruction]:
               sum(array_bytes(shapes.get(o, "")) for o in operands) + array_bytes(shape), "flops": 0.0, "xla": False}
     op_name = (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]
     frame = re.search(r"stack_frame_id=(\d+)", line)
-    part = part_of(op_name)
-    if op_name.endswith("convert_element_type") and any(o in params for o in operands):
-      part = WEIGHT_CASTS
     out.append(Instruction(name, opcode, shape, float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0)),
-                           cost.get("xla", True), op_name, lines.get(int(frame.group(1)), "") if frame else "", part))
+                           cost.get("xla", True), op_name, lines.get(int(frame.group(1)), "") if frame else "",
+                           part_of_instruction(name)))
   return out
 
 
@@ -191,18 +191,33 @@ def _xla_cost(client, comps, line, match, operands, end, shapes) -> dict | None:
     return None
 
 
-def _parameter_names(parsed) -> set[str]:
-  """Entry instructions that hold the step's parameters: the parameters themselves and moves of them."""
-  names = set()
+def _attribution(parsed):
+  """name -> part for the entry's instructions: its scope's; a cast of a parameter, and an op outside every scope
+  whose first operand is a parameter or such an op, is WEIGHTS (the optimizer update's, for its moments); other
+  ops outside every scope take their first operand's part."""
+  producers = {}
   for match, line in parsed:
-    if not match:
-      continue
-    if match.group(3) == "parameter" and "['params']" in line:
-      names.add(match.group(1))
-    elif match.group(3) in ("bitcast", "copy-start", "copy-done", "slice-start", "slice-done", "copy",
-                            "custom-call") and set(_operands(line, match.end())[0]) & names:
-      names.add(match.group(1))
-  return names
+    if match:
+      op_name = (re.search(r'op_name="([^"]*)"', line) or [None, ""])[1]
+      producers[match.group(1)] = (match.group(3), _operands(line, match.end())[0], op_name, line)
+  memo = {}
+
+  def part(name: str) -> str:
+    if name not in memo:
+      memo[name] = OTHER  # a cycle cannot occur in a program; this only bounds the recursion
+      opcode, operands, op_name, line = producers.get(name, ("", [], "", ""))
+      scoped = part_of(op_name)
+      if opcode == "parameter":
+        state = re.search(r"\b(params|opt_state)\b", op_name)
+        memo[name] = OTHER if not state else WEIGHTS if state.group(1) == "params" else "optimizer update"
+      elif op_name.endswith("convert_element_type") and any(part(o) == WEIGHTS for o in operands):
+        memo[name] = WEIGHTS
+      elif scoped != OTHER or not operands:
+        memo[name] = scoped
+      else:
+        memo[name] = part(operands[0])
+    return memo[name]
+  return part
 
 
 def by_part(instrs: list[Instruction]) -> dict[str, dict]:
@@ -238,7 +253,7 @@ def floors(model_cfg, tokens_per_micro_batch: int, tokens_per_step: int) -> dict
   table.update({"embedding": activation(D) / 2, "LM head + loss": weights(V * D) + activation(D),
                 "gradient accumulation": 8 * params / tokens_per_micro_batch if tokens_per_step > tokens_per_micro_batch
                 else 0.0, "optimizer update": (3 * 8 + 4) * params / tokens_per_step,
-                WEIGHT_CASTS: (4 + c) * params / tokens_per_step if c < 4 else 0.0, OTHER: 0.0})
+                WEIGHTS: (4 + c) * params / tokens_per_step if c < 4 else 0.0, OTHER: 0.0})
   return table
 
 
