@@ -41,13 +41,13 @@ def row(size: str, result: dict, seconds: float) -> str:
   if result.get("state_exceeds_chip"):
     needed = result["fsdp_needed"]["fsdp"] if result["fsdp_needed"] else "?"
     verdict = f"no: state {gib(result['params_bytes'] + result['optimizer_bytes'])} GiB/chip; FSDP >= {needed} chips"
-    return f"| {size} | {result['tpu']} | {verdict} | | | | | {seconds:.0f} s |"
+    return f"| {size} | {result['tpu']} | {verdict} | | | | | | {seconds:.0f} s |"
   if not result["fits"]:
-    return f"| {size} | {result['tpu']} | no, even with remat=full at micro-batch 1 | | | | | {seconds:.0f} s |"
+    return f"| {size} | {result['tpu']} | no, even with remat=full at micro-batch 1 | | | | | | {seconds:.0f} s |"
   bound = "compute-bound" if result["mfu_ceiling"] >= 1 else f"memory-bound: MFU <= {result['mfu_ceiling']:.0%}"
   return (f"| {size} | {result['tpu']} | yes | {result['micro_batch']} x {result['accumulation']} | "
-          f"{result['remat']} | {gib(result['total_bytes'])} of {gib(result['chip']['hbm_bytes'])} | {result['step_time_bound_s']:.2f} s "
-          f"({bound}) | {seconds:.0f} s |")
+          f"{result['remat']} | {gib(result['total_bytes'])} of {gib(result['chip']['hbm_bytes'])} | "
+          f"{result['bytes_per_token'] / 1e6:.2f} MB | {result['step_time_bound_s']:.2f} s ({bound}) | {seconds:.0f} s |")
 
 
 def main(argv):
@@ -56,8 +56,9 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_platforms", "cpu")
   print(f"TPU compiler: libtpu {tpu.libtpu_version()} (compile-only) on {platform.processor() or platform.machine()}")
-  print("| GPT-2 | TPU | fits | micro-batch x accumulation | remat | HBM per chip (GiB) | step >= | plan took |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| GPT-2 | TPU | fits | micro-batch x accumulation | remat | HBM per chip (GiB) | bytes per token | step >= | "
+        "plan took |")
+  print("|---|---|---|---|---|---|---|---|---|")
   results = []
   for size in SIZES.value:
     for accelerator in TPUS.value:

@@ -364,7 +364,11 @@ def plan_tpu(config, slice_, anatomy: bool = False) -> dict:
   if plan["fits"]:
     compute = plan["model_flops_per_step"] / (slice_.chips * chip.bf16_flops)
     programs = {}
-    memory = step_bytes_accessed(config, devices, plan, programs) / chip.hbm_bytes_per_s
+    moved = step_bytes_accessed(config, devices, plan, programs)
+    memory = moved / chip.hbm_bytes_per_s
+    # Per token of a data-parallel shard (the tokens one chip's step processes, shared by its tensor-parallel peers).
+    plan["bytes_per_token"] = moved / (config.train.batch_size * config.model.block_size /
+                                       (plan["mesh"]["data"] * plan["mesh"]["fsdp"]))
     if anatomy:
       plan["anatomy"] = anatomy_lib.step_anatomy(config, _model_config(config, mesh), plan, programs, slice_.chips)
     plan.update(roofline_compute_s=compute, roofline_memory_s=memory, step_time_bound_s=max(compute, memory),
@@ -416,7 +420,8 @@ def print_tpu_plan(plan: dict, libtpu_version: str) -> None:
         f"gptjax.model.flops_per_token; the compiler counts splash's FLOPs as 0)")
   if "step_time_bound_s" in plan:
     print(f"roofline: compute {plan['roofline_compute_s']:.3f} s (model FLOPs at peak) | memory "
-          f"{plan['roofline_memory_s']:.3f} s (the compiler's bytes accessed at HBM bandwidth) -> step >= "
+          f"{plan['roofline_memory_s']:.3f} s (the compiler's bytes accessed at HBM bandwidth: "
+          f"{plan['bytes_per_token'] / 1e6:.2f} MB per token) -> step >= "
           f"{plan['step_time_bound_s']:.3f} s, MFU <= {plan['mfu_ceiling']:.0%}")
   for row in plan.get("variants", []):
     if "total_bytes" in row:
