@@ -8,7 +8,8 @@ slice, with the real TPU compiler (libtpu compile-only, on any machine; `plan_tp
   python -m gptjax.plan --config=configs/gpt2_small.py --tpu=v5e-1 --config.model.dtype=bfloat16
 
 per-chip memory against the chip's HBM, the micro-batch a run would search, collectives, a roofline bound on the
-step time, and, when it does not fit, the FSDP degree that holds the state or the remat that fits. On fake CPU
+step time, and, when it does not fit, the FSDP degree that holds the state or the remat that fits. With --anatomy,
+where the step's bytes go: per part of the model against its floor, and the costliest instructions (gptjax.anatomy). On fake CPU
 devices with XLA:CPU (any device count, e.g. for GPUs):
 
   python -m gptjax.plan --config=configs/gpt2_xl.py --devices=64 --mesh=1,64,1 --hbm_gib=16
