@@ -185,6 +185,7 @@ def _xla_cost(client, comps, line, match, operands, end, shapes) -> dict | None:
       "ENTRY %e {\n" + "\n".join(f"  %p{i} = {shapes[o]} parameter({i})" for i, o in enumerate(operands)) +
       "\n  ROOT " + line[line.index("%"):match.end()] + ", ".join(f"%p{i}" for i in range(len(operands))) +
       line[end:] + "\n}"])
+  program = re.sub(r",? stack_frame_id=\d+", "", program)  # the one-instruction program has no frame tables
   try:
     return dict(_jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(program)))
   except Exception:  # pylint: disable=broad-except  # an op XLA's CPU analysis cannot price: costed by shapes
