@@ -100,11 +100,11 @@ def _check_attention(name: str, what: str, target: str, model_cfg: GPTConfig, pr
 
 
 # On the v5p-16 FSDP slice GPT-2 small and XL bracket medium and large: the same program (head size 64 in all four)
-# at widths between theirs, each a 45-60 s compile in CI. Every size compiles for v5e-1 and lowers for CUDA (GPT-2
-# small for v5e-1 at its real micro-batch, below).
+# at widths between theirs, each a 45-60 s compile in CI; on v5e-1 medium and XL bracket large, and GPT-2 small
+# compiles at its real micro-batch (below: the bytes it moves are held). Every size lowers for CUDA.
 TRAIN = [(name, target) for name in PRETRAINING for target in TARGETS
          if not (target == "v5p-16" and name in ("gpt2_medium", "gpt2_large"))
-         and (name, target) != ("gpt2_small", "v5e-1")]
+         and (name, target) not in (("gpt2_small", "v5e-1"), ("gpt2_large", "v5e-1"))]
 # The bytes GPT-2 small's train step moves per token on Colab's v5e chip (bfloat16, micro-batch 8 x 1024, 64 of them
 # per 0.5M-token step), as `python -m gptjax.plan --tpu=v5e-1` measures it (plan.step_bytes_accessed, libtpu
 # 0.0.42.1): 7.77 MB before the loss and splash's projections were rewritten for bytes, 6.70 MB after
