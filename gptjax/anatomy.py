@@ -149,7 +149,7 @@ def instructions(hlo: str, cost_client=None) -> list[Instruction]:
   `cost_client`: the XLA client whose cost analysis prices a fused computation (default: this process's CPU
   client: the libtpu compile-only client prices no program of its own; FLOPs and unpadded bytes are the same).
   """
-  import jax  # pylint: disable=import-outside-toplevel  # the parsing above needs no JAX
+  import jax  # pylint: disable=import-outside-toplevel  # parsing a program's text needs no JAX
   client = cost_client or jax.devices("cpu")[0].client
   comps, entry = computations(hlo)
   lines = source_lines(hlo)
@@ -178,15 +178,17 @@ def instructions(hlo: str, cost_client=None) -> list[Instruction]:
 
 
 def _xla_cost(client, comps, line, match, operands, end, shapes) -> dict | None:
-  """XLA's cost analysis of one instruction alone: a program of its operands as parameters and its callees."""
-  from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
-  from jaxlib import _hlo  # pylint: disable=import-outside-toplevel
+  """XLA's cost analysis of one instruction alone: a program of its operands as parameters and its callees (None
+  where it cannot be had: then the caller prices the instruction by its shapes)."""
   program = "\n\n".join(["HloModule one"] + ["\n".join(comps[c]) for c in _closure(comps, _called(line))] + [
       "ENTRY %e {\n" + "\n".join(f"  %p{i} = {shapes[o]} parameter({i})" for i, o in enumerate(operands)) +
       "\n  ROOT " + line[line.index("%"):match.end()] + ", ".join(f"%p{i}" for i in range(len(operands))) +
       line[end:] + "\n}"])
   program = re.sub(r",? stack_frame_id=\d+", "", program)  # the one-instruction program has no frame tables
   try:
+    # jaxlib's own bindings, not a public JAX API: a jaxlib without them prices every instruction by its shapes.
+    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+    from jaxlib import _hlo  # pylint: disable=import-outside-toplevel
     return dict(_jax.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(program)))
   except Exception:  # pylint: disable=broad-except  # an op XLA's CPU analysis cannot price: costed by shapes
     return None
