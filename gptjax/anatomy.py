@@ -27,7 +27,6 @@ PART_OF_SCOPE = {  # named scope in the model and train step -> part (the innerm
     "optimizer": "optimizer update"}
 WEIGHTS, OTHER = "weights: casts and moves", "other (no scope, not from a parameter)"
 PARTS = tuple(dict.fromkeys(PART_OF_SCOPE.values())) + (WEIGHTS, OTHER)
-BLOCK_PARTS = ("layer norms", "attention projections", "attention (kernel)", "MLP", "residual adds")
 
 _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
                "s64": 8, "u64": 8, "f64": 8}
@@ -50,6 +49,11 @@ class Instruction:
   op_name: str
   source: str  # 'gptjax/model.py:123 Attention.__call__', or '' when no gptjax line produced it
   part: str
+
+
+def bytes_accessed(compiled) -> float:
+  """The compiler's `bytes accessed` of a compiled program (its whole-program cost analysis)."""
+  return float(compiled.cost_analysis()["bytes accessed"])
 
 
 def array_bytes(shape: str) -> int:
@@ -260,21 +264,21 @@ def floors(model_cfg, tokens_per_micro_batch: int, tokens_per_step: int) -> dict
   return table
 
 
-def step_anatomy(config, model_cfg, plan: dict, programs: dict, n_devices: int, top: int = 20) -> dict:
+def step_anatomy(model_cfg, plan: dict, programs: dict, top: int = 20) -> dict:
   """Bytes and FLOPs per token of a planned train step, by part, beside the compiler's totals and each floor.
 
   `programs` are `plan.step_bytes_accessed`'s loop-free programs: the step at 1 and 2 layers ('one', 'two') and the
   optimizer update ('update'). A part's bytes are its instructions' in the 1-layer step plus n_layer - 1 times what
   the second layer adds to them (layout copies and prefetches the compiler adds per layer included); the optimizer's
-  come from the update program, once per step. `top` names the 1-layer step's costliest instructions. Per token
-  means per token one device processes.
+  come from the update program, once per step; the compiler's total is the plan's (`plan.step_bytes_accessed`).
+  `top` names the 1-layer step's costliest instructions. Per token means per token of a data-parallel shard, as
+  the plan counts it.
   """
-  L, T = model_cfg.n_layer, model_cfg.block_size
-  dp = plan["mesh"]["data"] * plan["mesh"]["fsdp"]
-  micro_tokens = plan["micro_batch"] * T * dp / n_devices
+  L = model_cfg.n_layer
+  micro_tokens = plan["micro_batch"] * model_cfg.block_size
   step_tokens = micro_tokens * plan["accumulation"]
   one, two, update = (instructions(programs[k].as_text()) for k in ("one", "two", "update"))
-  compiler = {k: float(programs[k].cost_analysis()["bytes accessed"]) for k in ("one", "two", "update")}
+  compiler = {k: bytes_accessed(programs[k]) for k in ("one", "two", "update")}
   zero = {"bytes": 0.0, "flops": 0.0}
   by_one, by_two = by_part(one), by_part(two)
   rows = {}
@@ -289,10 +293,9 @@ def step_anatomy(config, model_cfg, plan: dict, programs: dict, n_devices: int, 
   for part, row in rows.items():
     row["floor_bytes_per_token"] = floor.get(part, 0.0)
   block = compiler["two"] - compiler["one"]
-  micro_step = compiler["one"] + (L - 1) * block - compiler["update"]
   return {
       "tokens_per_micro_batch": micro_tokens, "micro_batches": plan["accumulation"],
-      "compiler_bytes_per_token": (plan["accumulation"] * micro_step + compiler["update"]) / step_tokens,
+      "compiler_bytes_per_token": plan["bytes_per_token"],
       "compiler_block_bytes_per_token": block / micro_tokens,
       "compiler_outside_blocks_bytes_per_token": (compiler["one"] - block - compiler["update"]) / micro_tokens,
       "compiler_update_bytes_per_step": compiler["update"],

@@ -285,11 +285,6 @@ def update_program(config, mesh):
                      params, opt_state, params).compile()
 
 
-def bytes_accessed(compiled) -> float:
-  """The compiler's `bytes accessed` of a compiled program."""
-  return float(compiled.cost_analysis()["bytes accessed"])
-
-
 def step_bytes_accessed(config, devices, plan: dict, programs: dict | None = None) -> float:
   """HBM bytes one device moves in a train step, from the compiler's cost analysis.
 
@@ -303,7 +298,7 @@ def step_bytes_accessed(config, devices, plan: dict, programs: dict | None = Non
   programs = {} if programs is None else programs
   programs.update(one=micro_step_program(config, mesh, plan["micro_batch"], 1),
                   two=micro_step_program(config, mesh, plan["micro_batch"], 2), update=update_program(config, mesh))
-  one, two, update_bytes = (bytes_accessed(programs[k]) for k in ("one", "two", "update"))
+  one, two, update_bytes = (anatomy_lib.bytes_accessed(programs[k]) for k in ("one", "two", "update"))
   micro_step = one + (config.model.n_layer - 1) * (two - one) - update_bytes
   return plan["accumulation"] * micro_step + update_bytes
 
@@ -371,7 +366,7 @@ def plan_tpu(config, slice_, anatomy: bool = False) -> dict:
     plan["bytes_per_token"] = moved / (config.train.batch_size * config.model.block_size /
                                        (plan["mesh"]["data"] * plan["mesh"]["fsdp"]))
     if anatomy:
-      plan["anatomy"] = anatomy_lib.step_anatomy(config, _model_config(config, mesh), plan, programs, slice_.chips)
+      plan["anatomy"] = anatomy_lib.step_anatomy(_model_config(config, mesh), plan, programs)
     plan.update(roofline_compute_s=compute, roofline_memory_s=memory, step_time_bound_s=max(compute, memory),
                 mfu_ceiling=compute / max(compute, memory))
   else:
