@@ -15,13 +15,18 @@ def define_config_flags(workdir_help: str):
                                            lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, f"{workdir_help}; default runs/<config name>.")
   flags.mark_flag_as_required("config")
+  define_distributed_flags()
+  return config, workdir
+
+
+def define_distributed_flags() -> None:
+  """The flags `initialize_distributed` reads."""
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for clusters JAX does not detect "
                       "(TPU pods and SLURM are detected without it).")
   flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
   flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize; default: when a coordinator is given "
                     "or a TPU pod / SLURM job is detected.")
-  return config, workdir
 
 
 def initialize_distributed() -> None:

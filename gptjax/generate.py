@@ -147,17 +147,6 @@ def cache_sharding(mesh, rules, batch: int, n_head: int, length: int, head_dim: 
   return NamedSharding(mesh, P(z_axes or None, *spec[2:]))
 
 
-def _batch_degree(mesh, rules) -> int:
-  """How many ways `rules` split the batch dimension on `mesh`."""
-  return int(np.prod([mesh.shape[a] for a in config_lib.batch_axes(rules)]))
-
-
-def _mesh(params):
-  """The mesh the parameters are placed on, if they are placed on one of several devices."""
-  placement = getattr(jax.tree.leaves(params)[0], "sharding", None)
-  return placement.mesh if isinstance(placement, NamedSharding) and placement.mesh.size > 1 else None
-
-
 def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
            seed: int = 0, num_samples: int = 1, chunk_tokens: int = 0, rules=config_lib.DEFAULT_RULES,
            weights: str | None = None) -> Iterator[np.ndarray]:
@@ -182,9 +171,9 @@ def stream(params, graphdef, prompts: Sequence[Sequence[int]], max_new_tokens: i
       raise ValueError(f"prompt {i} is empty; start it with the tokenizer's eos_id to generate from nothing.")
   # The newest tokens of a prompt longer than the context.
   rows = [list(prompt)[-cfg.block_size:] for prompt in prompts for _ in range(num_samples)]
-  mesh = _mesh(params)
+  mesh = sharding.params_mesh(params)
   # On a mesh, filler rows (already ended) make the batch divisible by its devices: split, not replicated.
-  fillers = 0 if mesh is None else -len(rows) % _batch_degree(mesh, rules)
+  fillers = 0 if mesh is None else -len(rows) % sharding.batch_degree(mesh, rules)
   batch = rows + rows[:1] * fillers
   B = len(batch)
   prompt_len = bucket(max(map(len, rows)), cfg.block_size)

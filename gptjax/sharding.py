@@ -59,6 +59,17 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2, batch_dim: int = 0) -> Name
   return NamedSharding(mesh, P(*spec))
 
 
+def batch_degree(mesh: Mesh, rules) -> int:
+  """How many ways `rules` split the batch dimension on `mesh`."""
+  return int(np.prod([mesh.shape[a] for a in config_lib.batch_axes(rules)]))
+
+
+def params_mesh(params) -> Mesh | None:
+  """The mesh the parameters are placed on, if they are placed on one of several devices."""
+  placement = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  return placement.mesh if isinstance(placement, NamedSharding) and placement.mesh.size > 1 else None
+
+
 def constrain(x: jax.Array, axes) -> jax.Array:
   """Pins an activation to its logical `axes` (as the traced step's rules place them) inside `under_mesh`.
 

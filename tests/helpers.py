@@ -1,6 +1,9 @@
 """Small configs and state builders shared by the tests."""
 
 import functools
+import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -64,6 +67,33 @@ def train_byte_level_bpe(directory: str, texts: list[str], vocab_size: int) -> s
                           show_progress=False)
   bpe.save_model(directory)
   return directory
+
+
+def vocab_of(bpe_dir) -> int:
+  """The number of tokens in a vocab.json."""
+  with open(os.path.join(bpe_dir, "vocab.json")) as f:
+    return len(json.load(f))
+
+
+def save_hf_model(directory, bpe_dir, n_layer, n_head, n_embd, context, seed=0, eos_token: str | None = None):
+  """A randomly initialised transformers GPT2LMHeadModel (every parameter perturbed: no zero bias hides a bug) and
+  its tokenizer files, written as transformers writes them; `eos_token` makes generation stop there, as GPT-2's."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(seed)
+  with open(os.path.join(bpe_dir, "vocab.json")) as f:
+    vocab = json.load(f)
+  eos = vocab[eos_token] if eos_token else None
+  config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=context, n_embd=n_embd, n_layer=n_layer,
+                                   n_head=n_head, bos_token_id=eos, eos_token_id=eos)
+  model = transformers.GPT2LMHeadModel(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(directory)
+  for name in ("vocab.json", "merges.txt"):
+    shutil.copy(os.path.join(bpe_dir, name), directory)
+  return model
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, generate, hf, loader, loop, sharding
 from gptjax.data import tokenizer as tokenizer_lib
-from tests.helpers import random_tokens, train_byte_level_bpe
+from tests.helpers import random_tokens, save_hf_model, train_byte_level_bpe, vocab_of
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -34,29 +34,8 @@ CONTEXT = 77
 def bpe_dir(tmp_path_factory):
   """A 301-token byte-level BPE: not a multiple of 128, so the import pads it."""
   directory = train_byte_level_bpe(str(tmp_path_factory.mktemp("bpe")), TEXTS, vocab_size=301)
-  assert _vocab(directory) == 301
+  assert vocab_of(directory) == 301
   return directory
-
-
-def _vocab(directory) -> int:
-  with open(os.path.join(directory, "vocab.json")) as f:
-    return len(json.load(f))
-
-
-def save_hf_model(directory, bpe_dir, n_layer, n_head, n_embd, seed=0):
-  """A randomly initialised GPT2LMHeadModel (every parameter perturbed: no zero bias hides a bug) and its
-  tokenizer, written as transformers writes them."""
-  torch.manual_seed(seed)
-  config = transformers.GPT2Config(vocab_size=_vocab(bpe_dir), n_positions=CONTEXT, n_embd=n_embd, n_layer=n_layer,
-                                   n_head=n_head, bos_token_id=None, eos_token_id=None)
-  model = transformers.GPT2LMHeadModel(config).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(directory)
-  for name in ("vocab.json", "merges.txt"):
-    shutil.copy(os.path.join(bpe_dir, name), directory)
-  return model
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +44,7 @@ def hf_models(tmp_path_factory, bpe_dir):
   out = {}
   for seed, shape in enumerate(SHAPES):
     directory = str(tmp_path_factory.mktemp("hf"))
-    out[shape] = directory, save_hf_model(directory, bpe_dir, *shape, seed=seed)
+    out[shape] = directory, save_hf_model(directory, bpe_dir, *shape, CONTEXT, seed=seed)
   return out
 
 
