@@ -136,6 +136,19 @@ def default_config() -> ml_collections.ConfigDict:
   # run with a checkpoint of the last good parameters.
   t.nonfinite = "stop"
 
+  c.eval = ev = ml_collections.ConfigDict()
+  # lm-evaluation-harness tasks run on the live parameters during pretraining and SFT (comma-separated harness task
+  # names, e.g. 'hellaswag'; the eval extra); logged as harness/<task>/<metric>. '' = none.
+  ev.harness_tasks = ""
+  # Run them every this many steps and at the end; 0 = never (then harness_tasks must be '').
+  ev.harness_every = 0
+  # At most this many documents per task; 0 = all (HellaSwag's validation split: 10042).
+  ev.harness_limit = 0
+  # A directory of task YAML files (local copies of tasks, for machines without a network); '' = none.
+  ev.harness_include_path = ""
+  # Requests scored or decoded per batch.
+  ev.harness_batch_size = 16
+
   c.mesh = mesh = ml_collections.ConfigDict()
   # Device-mesh degrees; their product must equal the device count. -1 = all remaining devices.
   mesh.data = -1
@@ -205,6 +218,11 @@ def mesh_shape(config, n_devices: int) -> tuple[int, int, int]:
   return tuple(degrees)
 
 
+def harness_tasks(config) -> list[str]:
+  """The harness task names of eval.harness_tasks."""
+  return [t.strip() for t in config.eval.harness_tasks.split(",") if t.strip()]
+
+
 def batch_axes(rules) -> tuple[str, ...]:
   """The mesh axes `rules` split the batch dimension over (logical axis 'batch')."""
   axes = dict(rules).get("batch") or ()
@@ -249,6 +267,13 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError(f"model.row_groups={m.row_groups} must be positive (1 = the batch as one group).")
   if m.vocab_multiple <= 0:
     raise ConfigError(f"model.vocab_multiple={m.vocab_multiple} must be positive (1 = no padding).")
+  ev = config.eval
+  if ev.harness_every < 0 or ev.harness_limit < 0 or ev.harness_batch_size <= 0:
+    raise ConfigError(f"eval.harness_every={ev.harness_every} and eval.harness_limit={ev.harness_limit} must be >= 0 "
+                      f"and eval.harness_batch_size={ev.harness_batch_size} positive.")
+  if bool(ev.harness_every) != bool(harness_tasks(config)):
+    raise ConfigError(f"eval.harness_tasks={ev.harness_tasks!r} and eval.harness_every={ev.harness_every} go "
+                      "together: name the tasks and how often to run them, or neither.")
   d = config.data
   if d.tokenizer not in ("bpe", "unigram", "char", "gpt2"):
     raise ConfigError(f"data.tokenizer={d.tokenizer!r}: use 'bpe', 'unigram', 'char' or 'gpt2'.")

@@ -33,11 +33,14 @@ from gptjax import config as config_lib, errors, generate, quantize, sharding
 MAX_GEN_TOKS = 256
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "mesh"))
-def _score(params, inputs_BT, targets_BT, scored_BT, graphdef, vocab, mesh):
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "mesh", "rules"))
+def _score(params, inputs_BT, targets_BT, scored_BT, graphdef, vocab, mesh, rules):
   """Each row's summed log p(target) over its scored positions, and whether every scored target is the argmax."""
   model = nnx.merge(graphdef, quantize.dequantize(params))
-  logits_BTV = model.logits(model(inputs_BT))[..., :vocab].astype(jnp.float32)
+  forward = lambda tokens_BT: model.logits(model(tokens_BT))
+  if mesh is not None:  # the kernels and activation constraints read the mesh and rules, as in training
+    forward = sharding.under_mesh(forward, mesh, rules)
+  logits_BTV = forward(inputs_BT)[..., :vocab].astype(jnp.float32)
   target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
   logprob_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
   greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
@@ -107,8 +110,9 @@ class GptjaxLM(TemplateLM):
         n = len(window) - 1
         inputs_BT[b, :n], targets_BT[b, :n] = window[:-1], window[1:]
         scored_BT[b, n - n_scored:n] = True
-      logprob_B, greedy_B = jax.device_get(_score(self.params, *map(self._placed, (inputs_BT, targets_BT, scored_BT)),
-                                                  self.graphdef, vocab, self.mesh))
+      placed = map(self._placed, (inputs_BT, targets_BT, scored_BT))
+      logprob_B, greedy_B = jax.device_get(_score(self.params, *placed,
+                                                  self.graphdef, vocab, self.mesh, self.rules))
       for b, i in enumerate(batch):
         answers[i] = (float(logprob_B[b]), bool(greedy_B[b]))
       bar.update(len(batch))
@@ -171,24 +175,31 @@ class TaskError(errors.UserError):
   """A harness task that does not exist or whose data cannot be read."""
 
 
-def run_tasks(lm: GptjaxLM, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
-              include_path: str | None = None, log_samples: bool = False, bootstrap_iters: int = 100000) -> dict:
-  """The harness's evaluation of `lm` on `tasks` (its names, or those of YAML tasks under include_path): its
-  whole output, `results` -> task -> 'metric,filter' -> value, and with log_samples the scored `samples`."""
-  import lm_eval  # pylint: disable=import-outside-toplevel
+def load_tasks(tasks: list[str], include_path: str | None = None):
+  """The harness's TaskManager after checking that each task exists and its data can be read (downloaded once
+  into the datasets cache); TaskError names the task that cannot."""
   from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
   manager = TaskManager(include_path=include_path)
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise TaskError(f"unknown harness task(s) {', '.join(unknown)}: name tasks as `lm_eval ls tasks` lists them, or "
-                    "give their YAML files' directory as --include_path.")
-  for task in tasks:  # each task's data first, so a failed download names its task
+                    "give their YAML files' directory as --include_path (eval.harness_include_path).")
+  for task in tasks:
     try:
       manager.load_task_or_group([task])
     except (OSError, ValueError) as e:  # ConnectionError, FileNotFoundError, datasets' errors
       raise TaskError(f"the data of harness task {task!r} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                       "without a network, put a local copy of the task (its YAML and data files) in a directory "
-                      "and pass it as --include_path.") from e
+                      "and pass it as --include_path (eval.harness_include_path).") from e
+  return manager
+
+
+def run_tasks(lm: GptjaxLM, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
+              include_path: str | None = None, log_samples: bool = False, bootstrap_iters: int = 100000) -> dict:
+  """The harness's evaluation of `lm` on `tasks` (its names, or those of YAML tasks under include_path): its
+  whole output, `results` -> task -> 'metric,filter' -> value, and with log_samples the scored `samples`."""
+  import lm_eval  # pylint: disable=import-outside-toplevel
+  manager = load_tasks(tasks, include_path)
   return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                  log_samples=log_samples, task_manager=manager, bootstrap_iters=bootstrap_iters)
 
@@ -199,7 +210,7 @@ def headline(results: dict) -> dict[str, float]:
   for task, metrics in results["results"].items():
     for key, value in metrics.items():
       metric, _, filter_name = key.partition(",")
-      if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
+      if "_stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)) or isinstance(value, bool):
         continue
       out[f"{task}/{metric}" + ("" if filter_name in ("", "none") else f"_{filter_name}")] = float(value)
   return out

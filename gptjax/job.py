@@ -35,6 +35,9 @@ class Job:
   objective: Callable | None = None  # (params, frozen, batch, key) -> loss; None = next-token cross-entropy
   frozen: dict | None = None  # parameters used but not trained (a base under adapters), placed
   frozen_shardings: dict | None = None
+  # (trained params) -> (plain GPT params, graphdef) for text scoring and generation (eval.harness_*); None = the
+  # job's model is not a language model (classification, NER).
+  language_model: Callable[[dict], tuple[dict, nnx.GraphDef]] | None = None
 
 
 def log(msg: str, *args) -> None:

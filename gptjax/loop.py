@@ -141,6 +141,16 @@ def validate(config, n_devices: int) -> None:
   if "task" in config:
     from gptjax.finetune import tasks  # pylint: disable=import-outside-toplevel
     tasks.validate(config, n_devices)
+  if config.eval.harness_every:
+    if "task" in config and config.task.kind != "sft":
+      raise config_lib.ConfigError(f"eval.harness_tasks: a {config.task.kind} model is not a language model; the "
+                                   "harness runs during pretraining and SFT only (set eval.harness_every=0).")
+    try:
+      from gptjax import harness  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise config_lib.ConfigError(f"eval.harness_tasks needs lm-evaluation-harness ({e}): pip install "
+                                   "'gptjax[eval]'.") from e
+    harness.load_tasks(config_lib.harness_tasks(config), config.eval.harness_include_path or None)
 
 
 def ranking(config) -> tuple[str, bool]:
@@ -257,6 +267,8 @@ class Trainer:
         self.evaluation = self._evaluate(final=False)
         self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.evaluation.items()))
         self.throughput.restart_window()
+      if self._due(self.config.eval.harness_every) and not self._harness(stop):
+        return  # a stop signal cut it short: the checkpoint is saved next (finish)
       if saving:
         self._save(self.evaluation if evaluated else None)
       if t.max_seconds and time.time() - start_time > t.max_seconds:
@@ -302,8 +314,34 @@ class Trainer:
 
   def _evaluate(self, final: bool) -> dict:
     results = self.job.evaluate(self.state["params"], final)
+    if final and self.config.eval.harness_every:
+      results.update(self._harness_results())
     self.writer.write(self.step, **results)
     return results
+
+  def _harness_results(self) -> dict:
+    """eval.harness_tasks on the live parameters (where they are placed): {'harness/<task>/<metric>': value}."""
+    from gptjax import harness  # pylint: disable=import-outside-toplevel
+    e = self.config.eval
+    params, graphdef = self.job.language_model(self.state["params"])
+    lm = harness.GptjaxLM(params, graphdef, self.job.tokenizer, e.harness_batch_size, self.config.mesh.rules,
+                          progress=False)
+    results = harness.run_tasks(lm, config_lib.harness_tasks(self.config), limit=e.harness_limit or None,
+                                include_path=e.harness_include_path or None, bootstrap_iters=0)
+    return {f"harness/{k}": v for k, v in harness.headline(results).items()}
+
+  def _harness(self, stop: StopFlag) -> bool:
+    """Runs and logs the harness tasks after this step; False when a stop signal cut them short."""
+    try:
+      with stop.interruptible():
+        results = self._harness_results()
+    except Interrupted as e:
+      log("harness evaluation at step %d skipped: %s; saving the checkpoint", self.step, e)
+      return False
+    self.writer.write(self.step, **results)
+    self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    self.throughput.restart_window()
+    return True
 
   def _save(self, evaluation: dict | None) -> None:
     checkpoint.save(self.mngr, self.step, self.state, self.job.batches, self.config, self.job.tokenizer,

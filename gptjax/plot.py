@@ -1,8 +1,9 @@
 """Draws a run's loss curve from its metrics.jsonl: `python -m gptjax.plot --workdir=runs/quickstart [--out=loss.png]`.
 
 Train and validation loss against optimizer steps, with the tokens seen on a second x axis when the run's tokens
-per step are known (its summary.json, written when a pretraining run ends or stops). Writes <workdir>/loss.png
-unless --out says otherwise; the workdir and --out may be gs:// URLs.
+per step are known (its summary.json, written when a pretraining run ends or stops), and below them the harness
+metrics the run logged (eval.harness_tasks: e.g. harness/hellaswag/acc_norm). Writes <workdir>/loss.png unless
+--out says otherwise; the workdir and --out may be gs:// URLs.
 """
 
 import json
@@ -40,17 +41,22 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
-def loss_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
-  """{'train_loss': (steps, losses), 'val_loss': (steps, losses)}, by step.
+def loss_series(rows: list[dict], names=tuple(SERIES)) -> dict[str, tuple[list[int], list[float]]]:
+  """{'train_loss': (steps, losses), 'val_loss': (steps, losses)} (or the series `names`), by step.
 
   A resumed run logs again the steps after its checkpoint: the last value written for a step is the one kept.
   """
   series = {}
-  for name in SERIES:
+  for name in names:
     by_step = {int(r["step"]): float(r[name]) for r in rows if name in r}
     steps = sorted(by_step)
     series[name] = (steps, [by_step[s] for s in steps])
   return series
+
+
+def harness_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+  """The harness metrics a run logged (keys 'harness/<task>/<metric>'), by step."""
+  return loss_series(rows, sorted({k for r in rows for k in r if k.startswith("harness/")}))
 
 
 def tokens_per_step(workdir: str) -> int | None:
@@ -63,12 +69,21 @@ def tokens_per_step(workdir: str) -> int | None:
 
 def figure(workdir: str) -> Figure:
   """The loss curve of the run in `workdir` as a matplotlib Figure (no pyplot: nothing global, no display)."""
-  series = loss_series(read_metrics(workdir))
+  rows = read_metrics(workdir)
+  series, harness = loss_series(rows), harness_series(rows)
   if not any(steps for steps, _ in series.values()):
     raise MetricsError(f"{paths.join(workdir, 'metrics.jsonl')} holds no train_loss or val_loss yet: plot again "
                        "after the run's first logged step (log.every_steps).")
-  fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
-  ax = fig.add_subplot()
+  fig = Figure(figsize=(8, 7.5 if harness else 4.5), dpi=100, layout="constrained")
+  ax = fig.add_subplot(2 if harness else 1, 1, 1)
+  if harness:
+    below = fig.add_subplot(2, 1, 2, sharex=ax)
+    for name, (steps, values) in harness.items():
+      below.plot(steps, values, marker="o", markersize=4, label=name.removeprefix("harness/"))
+    below.set_xlabel("step")
+    below.set_ylabel("harness metric")
+    below.grid(alpha=0.3)
+    below.legend()
   for name, (steps, losses) in series.items():
     if steps:
       ax.plot(steps, losses, **SERIES[name])

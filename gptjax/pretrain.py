@@ -89,7 +89,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   return Job(config=config, model_cfg=model_cfg, graphdef=graphdef, tokenizer=prepared.tokenizer, tx=tx,
              abstract=abstract, shardings=shardings, init_state=init_state, batches=batches, evaluate=evaluate,
              finish=finish, tokens=lambda batch: tokens_per_step, steps=t.steps, flops_per_token=flops_tok,
-             description=description, use_dropout=model_cfg.dropout > 0)
+             description=description, use_dropout=model_cfg.dropout > 0,
+             language_model=lambda params: (params, graphdef))
 
 
 def write_samples(config, tokenizer, params, graphdef, vocab_limit: int) -> list[str]:

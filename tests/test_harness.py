@@ -167,3 +167,48 @@ def test_command_prints_the_harness_results(hf_dir, task_dir, tmp_path):
                         (["--tasks=tiny_choice", "--data=x.txt"], "give either --data")):
     run = _evaluate(f"--workdir=hf:{hf_dir}", f"--include_path={task_dir}", *args)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
+TINY_RUN = ["--config=configs/quickstart.py", "--config.model.n_layer=1", "--config.model.n_head=2",
+            "--config.model.n_embd=32", "--config.model.block_size=32", "--config.data.vocab_size=300",
+            "--config.train.batch_size=8", "--config.train.eval_every=0", "--config.train.eval_batches=1",
+            "--config.log.every_steps=3", "--config.log.samples=0", "--config.train.warmup_steps=1",
+            "--config.checkpoint.every_steps=3"]
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "gptjax.main", *TINY_RUN, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_harness_in_the_training_loop_logs_and_resumes(task_dir, tmp_path):
+  from gptjax import plot  # pylint: disable=import-outside-toplevel
+  corpus = tmp_path / "corpus.txt"
+  rng = np.random.RandomState(3)
+  corpus.write_text("\n".join(_sentence(rng, 20) for _ in range(300)))
+  workdir = tmp_path / "run"
+  harness_flags = [f"--workdir={workdir}", f"--config.data.path={corpus}", "--config.eval.harness_tasks=tiny_choice",
+                   "--config.eval.harness_every=3", "--config.eval.harness_limit=6",
+                   f"--config.eval.harness_include_path={task_dir}"]
+  first = _main(*harness_flags, "--config.train.steps=6")
+  assert first.returncode == 0, first.stderr[-3000:]
+  resumed = _main(*harness_flags, "--config.train.steps=9")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  logged = {r["step"]: r for r in rows if "harness/tiny_choice/acc" in r}
+  # Every 3 steps and at each run's end (6, then 9 after the resume).
+  assert sorted(logged) == [3, 6, 9]
+  for row in logged.values():
+    assert set(row) >= {"harness/tiny_choice/acc", "harness/tiny_choice/acc_norm"}
+    assert 0 <= row["harness/tiny_choice/acc"] <= 1 and round(row["harness/tiny_choice/acc"] * 6) == pytest.approx(
+        row["harness/tiny_choice/acc"] * 6)  # a fraction of the 6 documents
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["harness/tiny_choice/acc_norm"] == logged[9]["harness/tiny_choice/acc_norm"]
+  assert len(plot.figure(str(workdir)).axes) >= 2  # the harness curve below the loss
+  # Refused before any work: the tasks without how often, an unknown task.
+  for args, message in ((["--config.eval.harness_tasks=tiny_choice"], "go together"),
+                        (["--config.eval.harness_tasks=nope", "--config.eval.harness_every=3"], "unknown harness task")):
+    run = _main(f"--workdir={tmp_path / 'refused'}", f"--config.data.path={corpus}", *args)
+    assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
+    assert not (tmp_path / "refused" / "checkpoints").exists()

@@ -135,6 +135,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
              tokens=lambda batch: int(batch["tokens"].size) * jax.process_count(), steps=config.train.steps,
              flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),
              description=description, frozen=frozen or None,
+             language_model=(None if config.task.kind != "sft" else lambda params: (
+                 trainer.merged_params(params, frozen, lora_cfg), store.graphdef_of(model_cfg))),
              objective=trainer.objective(graphdef, task.loss, lora_cfg, config.lora.orth_reg_weight),
              frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
              use_dropout=dropout > 0)
