@@ -31,21 +31,65 @@ from gptjax import config as config_lib, errors, generate, quantize, sharding
 
 # The harness's default for generate_until requests that name no max_gen_toks (its HF backend's).
 MAX_GEN_TOKS = 256
+# The shortest padded length of a scored row.
+MIN_BUCKET = 16
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "mesh", "rules"))
-def _score(params, inputs_BT, targets_BT, scored_BT, graphdef, vocab, mesh, rules):
-  """Each row's summed log p(target) over its scored positions, and whether every scored target is the argmax."""
+def _score(params, inputs_BT, positions_BC, targets_BC, scored_BC, graphdef, vocab, mesh, rules):
+  """Each row's summed log p(target) over its scored positions, and whether every scored target is the argmax.
+
+  The LM head runs at `positions_BC` only (the continuation's, C <= T): a multiple-choice ending is a few tokens
+  of a long context, and the head is a third of GPT-2 small's FLOPs per token."""
   model = nnx.merge(graphdef, quantize.dequantize(params))
-  forward = lambda tokens_BT: model.logits(model(tokens_BT))
+
+  def logits(tokens_BT):
+    h_BTD = model(tokens_BT)
+    return model.logits(jnp.take_along_axis(h_BTD, positions_BC[..., None], 1))
   if mesh is not None:  # the kernels and activation constraints read the mesh and rules, as in training
-    forward = sharding.under_mesh(forward, mesh, rules)
-  logits_BTV = forward(inputs_BT)[..., :vocab].astype(jnp.float32)
-  target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
-  logprob_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
-  greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-  out = jnp.sum(jnp.where(scored_BT, logprob_BT, 0.0), -1), jnp.all(greedy_BT | ~scored_BT, -1)
-  # Every process reads every row's answer.
+    logits = sharding.under_mesh(logits, mesh, rules)
+  return _sum_scored(logits(inputs_BT)[..., :vocab].astype(jnp.float32), targets_BC, scored_BC, mesh)
+
+
+def length_bucket(n: int, cap: int) -> int:
+  """The padded length of n tokens: the next of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them),
+  at most cap: at most a third of a row is padding, in at most 2 log2(cap / 16) + 1 compiled shapes."""
+  size = MIN_BUCKET
+  while size < n:
+    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+  return min(size, cap)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "mesh", "rules"))
+def _score_shared(params, contexts_GC, pad_G, endings_GKE, scored_GKE, graphdef, vocab, mesh, rules):
+  """`_score` for K continuations of each of G contexts: the context runs once into a KV cache (left-padded: row g
+  begins at slot pad_G[g]), each continuation then runs from its own copy of that cache. Multiple choice (K
+  endings after one context) costs one context and K endings instead of K contexts and K endings."""
+  model = nnx.merge(graphdef, quantize.dequantize(params))
+  (G, C), (K, E) = contexts_GC.shape, endings_GKE.shape[1:]
+
+  def logits(contexts_GC, endings_GKE):
+    cache = model.init_cache(G, C + E)
+    h_GCD, cache = model.extend(contexts_GC, cache, jnp.int32(0), pad_G)
+    # Each layer's [G * N, S, H] rows become [G * K * N, S, H]: context g's cache for each of its endings.
+    cache = jax.tree.map(lambda a: jnp.repeat(a.reshape(G, -1, *a.shape[1:]), K, axis=0).reshape(-1, *a.shape[1:]),
+                         cache)
+    h_BED, _ = model.extend(endings_GKE.reshape(G * K, E), cache, jnp.int32(C), jnp.repeat(pad_G, K))
+    # Ending token i is predicted at the slot before it: the context's last for i = 0.
+    h_BED = jnp.concatenate([jnp.repeat(h_GCD[:, -1:], K, axis=0), h_BED[:, :-1]], axis=1)
+    return model.logits(h_BED)
+  if mesh is not None:
+    logits = sharding.under_mesh(logits, mesh, rules)
+  logits_BEV = logits(contexts_GC, endings_GKE)[..., :vocab].astype(jnp.float32)
+  return _sum_scored(logits_BEV, endings_GKE.reshape(G * K, E), scored_GKE.reshape(G * K, E), mesh)
+
+
+def _sum_scored(logits_BCV, targets_BC, scored_BC, mesh):
+  """(Σ log p(target), all targets greedy) of each row over its scored positions; every process gets every row."""
+  target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], -1)[..., 0]
+  logprob_BC = target_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
+  greedy_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
+  out = jnp.sum(jnp.where(scored_BC, logprob_BC, 0.0), -1), jnp.all(greedy_BC | ~scored_BC, -1)
   return out if mesh is None else jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
 
 
@@ -60,9 +104,8 @@ class GptjaxLM(TemplateLM):
     self.cfg = nnx.merge(graphdef, params).cfg
     self.mesh = sharding.params_mesh(params)
     self.rules, self.seed, self.progress = rules, seed, progress
-    degree = 1 if self.mesh is None else sharding.batch_degree(self.mesh, rules)
     # Rows split evenly over the batch's devices.
-    self.rows = -(-batch_size // degree) * degree
+    self.rows = -(-batch_size // self._degree()) * self._degree()
 
   @property
   def eot_token_id(self) -> int:
@@ -87,37 +130,92 @@ class GptjaxLM(TemplateLM):
     return jax.make_array_from_callback(array.shape, placement, lambda index: array[index])
 
   def score_tokens(self, pairs: list[tuple[list[int], list[int]]], desc: str = "") -> list[tuple[float, bool]]:
-    """(log p(continuation | context), greedy) for token pairs, as the harness's HF backend scores them."""
-    rows = []
+    """(log p(continuation | context), greedy) for token pairs, as the harness's HF backend scores them.
+
+    Pairs that share their context with others (multiple choice) and fit the context window run it once
+    (`_score_shared`); the others run whole, cut on the left to block_size + 1 tokens (`_score`)."""
     for context, continuation in pairs:
       if not context or not continuation:
         raise ValueError("a scored pair needs at least one context and one continuation token.")
-      window = (list(context) + list(continuation))[-(self.max_length + 1):]
-      rows.append((window, len(continuation)))
-    # Longest first in each length bucket, so a batch's rows are alike; answers go back in the request order.
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    answers: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    bar = tqdm(total=len(rows), desc=desc or "score", unit="request", disable=not self.progress)
+    answers: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    bar = tqdm(total=len(pairs), desc=desc or "score", unit="request", disable=not self.progress)
+    groups: dict[tuple, list[int]] = {}
+    for i, (context, continuation) in enumerate(pairs):
+      if len(context) + len(continuation) <= self.max_length:
+        groups.setdefault(tuple(context), []).append(i)
+    # Sharing pays where the context outweighs the continuations (multiple choice), not for rolling windows
+    # conditioned on one end-of-text token; a group is cut to at most a batch of continuations.
+    shared = [members[start:start + self.rows] for context, members in groups.items()
+              if len(members) > 1 and len(context) >= max(len(pairs[i][1]) for i in members)
+              for start in range(0, len(members), self.rows)]
+    shared = [members for members in shared if len(members) > 1]
+    alone = sorted(set(range(len(pairs))) - {i for members in shared for i in members})
+    self._score_shared_groups(pairs, shared, answers, bar)
+    self._score_alone(pairs, alone, answers, bar)
+    bar.close()
+    return answers
+
+  def _score_shared_groups(self, pairs, groups: list[list[int]], answers: list, bar) -> None:
+    """Scores groups of pairs with one context each, G contexts x K continuations per batch."""
+    vocab, degree = self.tokenizer.vocab_size, self._degree()
+    groups = sorted(groups, key=lambda members: (len(members), len(pairs[members[0]][0])))
+    while groups:
+      K = len(groups[-1])  # the most continuations of the groups left; the batch takes groups of as many or fewer
+      G = max(degree, self.rows // K // degree * degree)
+      batch, groups = groups[-G:], groups[:-G]
+      context_len = length_bucket(max(len(pairs[m[0]][0]) for m in batch), self.max_length)
+      ending_len = length_bucket(max(len(pairs[i][1]) for m in batch for i in m), self.max_length)
+      contexts_GC = np.zeros((G, context_len), np.int32)
+      pad_G = np.full(G, context_len - 1, np.int32)  # filler groups: one token of context
+      endings_GKE = np.zeros((G, K, ending_len), np.int32)
+      scored_GKE = np.zeros((G, K, ending_len), bool)
+      for g, members in enumerate(batch):
+        context = pairs[members[0]][0]
+        pad_G[g] = context_len - len(context)
+        contexts_GC[g, pad_G[g]:] = context
+        for k, i in enumerate(members):
+          ending = pairs[i][1]
+          endings_GKE[g, k, :len(ending)] = ending
+          scored_GKE[g, k, :len(ending)] = True
+      placed = map(self._placed, (contexts_GC, pad_G, endings_GKE, scored_GKE))
+      logprob_B, greedy_B = jax.device_get(_score_shared(self.params, *placed, self.graphdef, vocab, self.mesh,
+                                                         self.rules))
+      for g, members in enumerate(batch):
+        for k, i in enumerate(members):
+          answers[i] = (float(logprob_B[g * K + k]), bool(greedy_B[g * K + k]))
+      bar.update(sum(map(len, batch)))
+
+  def _score_alone(self, pairs, indices: list[int], answers: list, bar) -> None:
+    """Scores pairs one row each (left-truncated to block_size + 1 tokens), rows of similar length together."""
+    rows = {i: ((list(pairs[i][0]) + list(pairs[i][1]))[-(self.max_length + 1):], len(pairs[i][1])) for i in indices}
+    order = sorted(indices, key=lambda i: -len(rows[i][0]))
     vocab = self.tokenizer.vocab_size
     for start in range(0, len(order), self.rows):
       batch = order[start:start + self.rows]
-      length = generate.bucket(max(len(rows[i][0]) - 1 for i in batch), self.max_length)
+      length = length_bucket(max(len(rows[i][0]) - 1 for i in batch), self.max_length)
+      scored = length_bucket(max(min(rows[i][1], len(rows[i][0]) - 1) for i in batch), length)
       inputs_BT = np.zeros((self.rows, length), np.int32)
-      targets_BT = np.zeros((self.rows, length), np.int32)
-      scored_BT = np.zeros((self.rows, length), bool)
+      positions_BC = np.zeros((self.rows, scored), np.int32)
+      targets_BC = np.zeros((self.rows, scored), np.int32)
+      scored_BC = np.zeros((self.rows, scored), bool)
       for b, i in enumerate(batch):
         window, n_scored = rows[i]
         n = len(window) - 1
-        inputs_BT[b, :n], targets_BT[b, :n] = window[:-1], window[1:]
-        scored_BT[b, n - n_scored:n] = True
-      placed = map(self._placed, (inputs_BT, targets_BT, scored_BT))
+        inputs_BT[b, :n] = window[:-1]
+        # The row's last `scored` positions (from 0 when it is shorter); its continuation is the last n_scored.
+        positions_BC[b] = np.maximum(np.arange(n - scored, n), 0)
+        targets_BC[b] = np.asarray(window[1:])[positions_BC[b]]
+        scored_BC[b] = np.arange(n - scored, n) >= n - n_scored
+      placed = map(self._placed, (inputs_BT, positions_BC, targets_BC, scored_BC))
       logprob_B, greedy_B = jax.device_get(_score(self.params, *placed,
                                                   self.graphdef, vocab, self.mesh, self.rules))
       for b, i in enumerate(batch):
         answers[i] = (float(logprob_B[b]), bool(greedy_B[b]))
       bar.update(len(batch))
-    bar.close()
-    return answers
+
+  def _degree(self) -> int:
+    """How many ways the mesh splits a batch (1 without a mesh)."""
+    return 1 if self.mesh is None else sharding.batch_degree(self.mesh, self.rules)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
     del disable_tqdm, kwargs
@@ -175,11 +273,17 @@ class TaskError(errors.UserError):
   """A harness task that does not exist or whose data cannot be read."""
 
 
+@functools.cache
+def _task_manager(include_path: str | None):
+  """The harness's index of its tasks and those under include_path (built once: it reads thousands of YAMLs)."""
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  return TaskManager(include_path=include_path)
+
+
 def load_tasks(tasks: list[str], include_path: str | None = None):
   """The harness's TaskManager after checking that each task exists and its data can be read (downloaded once
   into the datasets cache); TaskError names the task that cannot."""
-  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
-  manager = TaskManager(include_path=include_path)
+  manager = _task_manager(include_path)
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise TaskError(f"unknown harness task(s) {', '.join(unknown)}: name tasks as `lm_eval ls tasks` lists them, or "

@@ -29,7 +29,7 @@ from gptjax.model import GPTConfig
 
 CONFIG_DIR = pathlib.Path(__file__).parents[1] / "configs"
 # gpt2.py (small by default) is built under the names of its four sizes, configs/gpt2_SIZE.py.
-CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "gpt2")
+CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("gpt2", "gpt2_small_fineweb"))
 # The base model a fine-tuning config's checkpoint.init_from (or its docstring: hf:gpt2) names.
 FINETUNE_BASES = {"sst2": "task_pretrain", "conll2003_ner": "task_pretrain", "sft": "gpt2_small"}
 PRETRAINING = [name for name in CONFIGS if name not in FINETUNE_BASES]
@@ -37,6 +37,9 @@ BASES = sorted(set(PRETRAINING) | set(FINETUNE_BASES.values()))
 # target -> (data, fsdp, tensor): TPU slices by accelerator type (v5p-16: FSDP over its 8 chips), CUDA on 8 fake CPU
 # devices (data x fsdp x tensor).
 TARGETS = {"v5e-1": (1, 1, 1), "v5p-16": (1, 8, 1), "cuda-3d": (2, 2, 2)}
+# configs/gpt2_small_fineweb.py is GPT-2 small's model and step (another corpus, warm-up and evaluation): it compiles
+# once, on the v5e-8 host it is planned for, instead of repeating gpt2_small's programs.
+RECIPES = {"gpt2_small_fineweb": ("v5e-8", (1, 8, 1))}
 LABELS = {"classify": 2, "ner": 9, "sft": 0}  # SST-2's labels, CoNLL-2003's BIO tags; SFT has no head
 ROW_KEYS = {"lengths"}  # batch arrays with one value per row; the rest are [B, T] (classify's labels: per row)
 
@@ -58,13 +61,17 @@ def _config(name: str, target: str):
   config = runpy.run_path(str(CONFIG_DIR / f"{name}.py"))["get_config"]()
   config.model.update(n_layer=1, dtype="bfloat16",
                       attention="auto" if _is_tpu(target) else "xla")
-  config.mesh.update(dict(zip(config_lib.MESH_AXES, TARGETS[target])))
+  config.mesh.update(dict(zip(config_lib.MESH_AXES, _degrees(target))))
   if config.data.tokenizer == "char":
     config.data.vocab_size = 65  # tinyshakespeare's characters
   # One micro-batch of one row per data-parallel shard: the batch size does not change the program's structure, and
   # the accumulation loop is compiled at full size by the notebook test below.
-  config.train.update(batch_size=TARGETS[target][0] * TARGETS[target][1], micro_batch_size=0)
+  config.train.update(batch_size=_degrees(target)[0] * _degrees(target)[1], micro_batch_size=0)
   return config
+
+
+def _degrees(target: str) -> tuple[int, int, int]:
+  return dict([*TARGETS.items(), *RECIPES.values()])[target]
 
 
 def _model(config, mesh, target: str) -> GPTConfig:
@@ -87,7 +94,7 @@ def _build(name: str, what: str, target: str, step, *args, **kwargs) -> str:
     return jax.export.export(step, platforms=["cuda"])(*args, **kwargs).mlir_module()
   except Exception as e:  # pylint: disable=broad-except  # any failure: report which config it was
     pytest.fail(f"configs/{name}.py: the {what} does not {'compile' if _is_tpu(target) else 'lower'} for "
-                f"{target} (mesh {TARGETS[target]}): {type(e).__name__}: {str(e)[:2000]}")
+                f"{target} (mesh {_degrees(target)}): {type(e).__name__}: {str(e)[:2000]}")
 
 
 def _check_attention(name: str, what: str, target: str, model_cfg: GPTConfig, program: str) -> None:
@@ -110,6 +117,9 @@ TRAIN = [(name, target) for name in PRETRAINING for target in TARGETS
 # 0.0.42.1): 7.77 MB before the loss and splash's projections were rewritten for bytes, 6.70 MB after
 # (benchmarks/RESULTS.md, "The TPU step's bytes per token").
 SMALL_V5E_BYTES_PER_TOKEN = 6.70e6
+
+
+TRAIN += [(name, target) for name, (target, _) in RECIPES.items()]
 
 
 @pytest.mark.parametrize("name, target", TRAIN, ids=[f"{n}-{t}" for n, t in TRAIN])
@@ -271,3 +281,24 @@ def test_splash_compiles_for_lengths_its_blocks_do_not_divide(head_dim):
   for T in (64, 200, 1000):
     probe("pallas", jax.ShapeDtypeStruct((1, T, 4, head_dim), jax.numpy.bfloat16), mesh, config_lib.DEFAULT_RULES,
           "tpu")
+
+
+@pytest.mark.parametrize("target", ["v5e-1", "v5p-16"])
+def test_harness_scoring_builds(target):
+  """lm-evaluation-harness scoring of GPT-2 small (one layer): whole rows, and K endings after a shared context
+  from a KV cache, sharded as `gptjax.harness.GptjaxLM` runs them (its generation is the decode loop above)."""
+  harness = pytest.importorskip("gptjax.harness")
+  config = _config("gpt2_small", target)
+  mesh = sharding.make_mesh(config, _devices(target))
+  model_cfg = _model(config, mesh, target)
+  graphdef, abstract = train.abstract_model(model_cfg)
+  params = _placed(nnx.to_pure_dict(abstract), sharding.state_shardings(abstract, config.mesh.rules, mesh))
+  rows = 2 * _degrees(target)[1]
+  array = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
+      mesh, config.mesh.rules, len(shape)))
+  statics = dict(graphdef=graphdef, vocab=50257, mesh=mesh, rules=config.mesh.rules)
+  _build("gpt2_small", "harness scoring", target, harness._score, params, array((rows, 1024), np.int32),
+         *(array((rows, 64), dtype) for dtype in (np.int32, np.int32, bool)), **statics)
+  _build("gpt2_small", "harness shared-context scoring", target, harness._score_shared, params,
+         array((rows, 96), np.int32), array((rows,), np.int32), *(array((rows, 4, 32), d) for d in (np.int32, bool)),
+         **statics)

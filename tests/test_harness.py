@@ -125,13 +125,18 @@ def test_gptjax_trained_model_scores_as_its_hf_export(hf_dir, task_dir, tmp_path
 
 
 def test_score_tokens_equals_a_direct_sum(hf_dir):
-  """The batched, bucketed scorer against one unpadded forward pass per request."""
-  lm = _ours(f"hf:{hf_dir}")
+  """The batched, bucketed scorer (shared contexts run once) against one unpadded forward pass per request."""
+  lm = _ours(f"hf:{hf_dir}", batch_size=4)
   from flax import nnx  # pylint: disable=import-outside-toplevel
   model = nnx.merge(lm.graphdef, lm.params)
   rng = np.random.RandomState(2)
-  pairs = [(rng.randint(0, 300, n).tolist(), rng.randint(0, 300, k).tolist()) for n, k in ((5, 3), (40, 30), (1, 1),
-                                                                                              (70, 4))]
+  tokens = lambda n: rng.randint(0, 300, n).tolist()
+  shared, long_shared = tokens(40), tokens(60)
+  # Alone: one-token context, longer than the window (cut on the left); shared contexts (run once for their
+  # continuations), one of whose pairs is too long to share and runs alone.
+  pairs = [(tokens(5), tokens(3)), (tokens(1), tokens(1)), (tokens(70), tokens(4)), (shared, tokens(3)),
+           (shared, tokens(17)), (shared, tokens(1)), (long_shared, tokens(2)), (long_shared, tokens(4)),
+           (long_shared, tokens(9))]
   for (context, continuation), (logprob, greedy) in zip(pairs, lm.score_tokens(pairs)):
     window = (context + continuation)[-(CONTEXT + 1):]
     logits = np.asarray(model.logits(model(np.asarray([window[:-1]], np.int32))))[0, :, :300]
@@ -206,9 +211,21 @@ def test_harness_in_the_training_loop_logs_and_resumes(task_dir, tmp_path):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["harness/tiny_choice/acc_norm"] == logged[9]["harness/tiny_choice/acc_norm"]
   assert len(plot.figure(str(workdir)).axes) >= 2  # the harness curve below the loss
-  # Refused before any work: the tasks without how often, an unknown task.
-  for args, message in ((["--config.eval.harness_tasks=tiny_choice"], "go together"),
-                        (["--config.eval.harness_tasks=nope", "--config.eval.harness_every=3"], "unknown harness task")):
-    run = _main(f"--workdir={tmp_path / 'refused'}", f"--config.data.path={corpus}", *args)
-    assert run.returncode == 2 and message in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
-    assert not (tmp_path / "refused" / "checkpoints").exists()
+  # Refused before any work: an unknown task (and, checked by config validation, tasks without how often).
+  run = _main(f"--workdir={tmp_path / 'refused'}", f"--config.data.path={corpus}", "--config.eval.harness_tasks=nope",
+              "--config.eval.harness_every=3")
+  assert run.returncode == 2 and "unknown harness task" in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
+  assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
+def test_harness_settings_are_validated():
+  c = config_lib.default_config()
+  c.eval.harness_tasks = "tiny_choice"
+  with pytest.raises(config_lib.ConfigError, match="go together"):
+    config_lib.validate(c, 1)
+  c.eval.update(harness_tasks="", harness_every=5)
+  with pytest.raises(config_lib.ConfigError, match="go together"):
+    config_lib.validate(c, 1)
+  c.eval.update(harness_tasks="tiny_choice", harness_limit=-1)
+  with pytest.raises(config_lib.ConfigError, match="harness_limit=-1"):
+    config_lib.validate(c, 1)
