@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from helpers import task_config, tiny_config
 
-from gptjax import checkpoint, loader, loop
+from gptjax import checkpoint, evaluate, loader, loop
+from gptjax.data import DataError
 from gptjax.data.tokenizer import CharTokenizer
 from gptjax.finetune import job as finetune_job, ner, sft, store, tasks, trainer
 from gptjax.model import GPT, GPTConfig
@@ -301,6 +302,14 @@ def test_sft_and_classification_runs(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "sft" / "eval" / "predictions.jsonl").read_text().splitlines()]
   assert rows[0]["prompt"] == "### User:\nParis\n\n### Assistant:\n" and "generated" in rows[1]
   assert "generated" not in rows[2]
+  # As a language model (gptjax.evaluate --tasks, the harness): the tuned weights as a plain GPT.
+  params, graphdef, lm_tok, step = evaluate.language_model(str(tmp_path / "sft"))
+  tuned = store.load(str(tmp_path / "sft"))
+  tokens = np.asarray([tok.encode("### User:\nParis")], np.int32)
+  logits = lambda model: np.asarray(model.logits(model(tokens)))
+  np.testing.assert_allclose(logits(nnx.merge(graphdef, params)), logits(nnx.merge(
+      tuned.graphdef, trainer.model_params(tuned.trainable, tuned.frozen, tuned.lora_cfg))), atol=1e-4)
+  assert lm_tok.fingerprint == tok.fingerprint and step == tuned.step
 
   (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(
       f"{w} {w[0]}\t{'name' if w[0].isupper() else 'other'}\n" for w in WORDS * 16))
@@ -312,6 +321,8 @@ def test_sft_and_classification_runs(tmp_path):
   c.log.update(every_steps=10, tensorboard=False)
   report = _finetune(c, tmp_path / "cls")[1]
   assert report["accuracy"] == 1.0 and report["labels"] == ["name", "other"], report
+  with pytest.raises(DataError, match="holds a classify model, not a language model"):
+    evaluate.language_model(str(tmp_path / "cls"))
 
 
 def test_bad_task_configs_are_rejected(tmp_path):
