@@ -52,12 +52,19 @@ def _score(params, inputs_BT, positions_BC, targets_BC, scored_BC, graphdef, voc
 
 
 def length_bucket(n: int, cap: int) -> int:
-  """The padded length of n tokens: the next of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5 times them),
-  at most cap: at most a third of a row is padding, in at most 2 log2(cap / 16) + 1 compiled shapes."""
-  size = MIN_BUCKET
-  while size < n:
-    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+  """The padded length of n tokens: the next of 16 x 2^(k/4) rounded up to a multiple of 16 (16, 32, 48, 64, 80,
+  96, 112, 128, 160, ..., 256, 304, 368, 432, 512, ...), at most cap: under a fifth of a row is padding, in at most
+  four compiled shapes per doubling of the length."""
+  k = 0
+  while (size := -(-round(MIN_BUCKET * 2 ** (k / 4)) // 16) * 16) < n:
+    k += 1
   return min(size, cap)
+
+
+def row_bucket(n: int, rows: int, degree: int) -> int:
+  """Rows for a batch of n requests: `rows`, or for a last, smaller batch the next power of two (a multiple of the
+  mesh's batch degree), so that it computes no more padding rows than it must."""
+  return min(rows, max(degree, -(-(1 << (n - 1).bit_length()) // degree) * degree))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "mesh", "rules"))
@@ -163,6 +170,7 @@ class GptjaxLM(TemplateLM):
       K = len(groups[-1])  # the most continuations of the groups left; the batch takes groups of as many or fewer
       G = max(degree, self.rows // K // degree * degree)
       batch, groups = groups[-G:], groups[:-G]
+      G = row_bucket(len(batch), G, degree)
       context_len = length_bucket(max(len(pairs[m[0]][0]) for m in batch), self.max_length)
       ending_len = length_bucket(max(len(pairs[i][1]) for m in batch for i in m), self.max_length)
       contexts_GC = np.zeros((G, context_len), np.int32)
@@ -192,12 +200,13 @@ class GptjaxLM(TemplateLM):
     vocab = self.tokenizer.vocab_size
     for start in range(0, len(order), self.rows):
       batch = order[start:start + self.rows]
+      B = row_bucket(len(batch), self.rows, self._degree())
       length = length_bucket(max(len(rows[i][0]) - 1 for i in batch), self.max_length)
       scored = length_bucket(max(min(rows[i][1], len(rows[i][0]) - 1) for i in batch), length)
-      inputs_BT = np.zeros((self.rows, length), np.int32)
-      positions_BC = np.zeros((self.rows, scored), np.int32)
-      targets_BC = np.zeros((self.rows, scored), np.int32)
-      scored_BC = np.zeros((self.rows, scored), bool)
+      inputs_BT = np.zeros((B, length), np.int32)
+      positions_BC = np.zeros((B, scored), np.int32)
+      targets_BC = np.zeros((B, scored), np.int32)
+      scored_BC = np.zeros((B, scored), bool)
       for b, i in enumerate(batch):
         window, n_scored = rows[i]
         n = len(window) - 1
