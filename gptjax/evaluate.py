@@ -137,9 +137,9 @@ def _harness_main(f) -> None:
   if f.output_path and jax.process_index() == 0:
     paths.makedirs(f.output_path)
     samples = results.pop("samples", {})
-    paths.write_json(os.path.join(f.output_path, "results.json"), json.loads(json.dumps(results, default=str)))
+    paths.write_json(paths.join(f.output_path, "results.json"), json.loads(json.dumps(results, default=str)))
     for task, rows in samples.items():
-      with paths.atomic_write(os.path.join(f.output_path, f"samples_{task}.jsonl")) as out:
+      with paths.atomic_write(paths.join(f.output_path, f"samples_{task}.jsonl")) as out:
         out.writelines(json.dumps(row, default=str, ensure_ascii=False) + "\n" for row in rows)
   print(json.dumps(results["results"], default=str))
 
