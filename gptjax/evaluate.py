@@ -98,7 +98,8 @@ def language_model(workdir: str, step: int | None = None, mesh=None):
   fine-tuning run (its adapters folded in); a classification or NER model is refused."""
   from gptjax import checkpoint, loader, paths  # pylint: disable=import-outside-toplevel
   from gptjax.finetune import store, trainer  # pylint: disable=import-outside-toplevel
-  if not workdir.startswith("hf:") and paths.path(os.path.join(workdir, "finetuned", store.TASK_FILE)).exists():
+  from gptjax.hf import HF_PREFIX  # pylint: disable=import-outside-toplevel
+  if not workdir.startswith(HF_PREFIX) and paths.is_file(paths.join(workdir, "finetuned", store.TASK_FILE)):
     tuned = store.load(workdir, mesh)
     if tuned.config.task.kind != "sft":
       raise DataError(f"{workdir} holds a {tuned.config.task.kind} model, not a language model: the harness scores "
