@@ -8,6 +8,7 @@ that carries the *current* mesh's shardings: a checkpoint written on one mesh lo
 import base64
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import time
@@ -27,6 +28,8 @@ from gptjax.errors import UserError
 from gptjax.model import GPT, GPTConfig
 
 EXPORT_MARKER = "export.json"
+DATA_POSITION = "data_position"  # the item holding the data pipeline's global position (`BatchStream`)
+LEGACY_DATA = "data"  # before: Grain's iterator state, one file per process (process_<i>-of-<n>.json)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -60,7 +63,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, config, t
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()),
                tokenizer=ocp.args.JsonSave(tokenizer_files(tokenizer)))
   if data_iterator is not None:
-    items["data"] = _grain_checkpoint().CheckpointSave(data_iterator)
+    items[DATA_POSITION] = ocp.args.JsonSave(data_iterator.get_state())
   mngr.save(step, args=ocp.args.Composite(**items), force=True,
             metrics={k: float(v) for k, v in evaluation.items()} if evaluation else None)
 
@@ -165,16 +168,42 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, d
   """
   where = os.path.join(str(mngr.directory), str(step))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  items = dict(state=ocp.args.StandardRestore(target))
-  if data_iterator is not None:
-    items["data"] = _grain_checkpoint().CheckpointRestore(data_iterator)
   try:
-    return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   except Exception as e:  # Orbax/TensorStore raise many types for truncated or corrupt files
     error = _read_error(where, e)
     if isinstance(error, UnreadableCheckpoint):
       _check_shapes(where, os.path.join(where, "state"), abstract_state["params"])  # or it is another model
     raise error from e
+  if data_iterator is not None:
+    _restore_data_position(mngr, step, where, data_iterator)
+  return state
+
+
+def _restore_data_position(mngr: ocp.CheckpointManager, step: int, where: str, data_iterator) -> None:
+  """Rewinds `data_iterator` to the position saved at `step`, on any number of processes.
+
+  Checkpoints from before the position was global hold Grain's iterator state per process; every process had read
+  the same number of batches, so any process's file gives the global position.
+  """
+  try:
+    if paths.path(paths.join(where, DATA_POSITION)).exists():
+      saved = mngr.restore(step, args=ocp.args.Composite(**{DATA_POSITION: ocp.args.JsonRestore()}))[DATA_POSITION]
+    else:
+      legacy = paths.path(paths.join(where, LEGACY_DATA))
+      files = sorted(legacy.glob("process_*-of-*.json")) if legacy.exists() else []
+      if not files:
+        logging.warning("checkpoint %s holds no data position: the data starts from the beginning", where)
+        return
+      own = legacy / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+      saved = json.loads((own if own.exists() else files[0]).read_text())
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(f"{where} (its data position)", e) from e
+  try:
+    data_iterator.set_state(saved)
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"checkpoint {where} holds a data position this version cannot read ({e}); resume it with "
+                          "the gptjax version that wrote it.") from e
 
 
 def _check_shapes(where: str, state_dir: str, params) -> None:
@@ -296,11 +325,6 @@ def inference_target(config, vocab: int, mesh=None, dtype=None):
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s),
                         nnx.to_pure_dict(abstract), shardings)
   return model_cfg, graphdef, target
-
-
-def _grain_checkpoint():
-  import grain
-  return grain.checkpoint
 
 
 def tokenizer_files(tokenizer) -> dict:

@@ -51,7 +51,10 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
 
   local_batch = t.batch_size // jax.process_count()
   shard = (jax.process_index(), jax.process_count())
-  batches = data.train_batches(prepared.train_path, seq, local_batch, t.seed, *shard, config.data.num_workers)
+  accum = config_lib.grad_accum_steps(config, jax.device_count())
+  batches = data.train_batches(prepared.train_path, seq, t.batch_size, t.seed,
+                               sharding.process_rows(mesh, config.mesh.rules, t.batch_size, accum),
+                               config.data.num_workers)
   eval_data = data.eval_batches(prepared.val_path, seq, local_batch, t.eval_batches, *shard)
   final_batches = t.final_eval_batches or t.eval_batches
   if final_batches < 0:
@@ -79,7 +82,6 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   n_params = count_params(abstract["params"])
   flops_tok = flops_per_token(model_cfg, count_params(abstract["params"], exclude_position=True), seq)
   tokens_per_step = t.batch_size * seq
-  accum = config_lib.grad_accum_steps(config, jax.device_count())
   description = [
       f"model: {metrics.format_count(n_params)} parameters | vocab {vocab} (tokenizer {prepared.tokenizer.vocab_size},"
       f" {prepared.tokenizer.kind}) | context {seq} | {describe_execution(model_cfg)}",

@@ -104,6 +104,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def process_rows(mesh: Mesh, rules, batch_size: int, accum: int = 1) -> np.ndarray:
+  """The rows of a global batch this process feeds, in the order `global_batch` places them.
+
+  The loop runs a batch of B rows as [accum, B / accum] micro-batches, the second axis split over the batch axes;
+  this process's devices hold [:, lo:hi] of it. Feeding exactly those rows makes the global batch the same array
+  on any number of processes (the same steps, dropout masks included).
+  """
+  micro = batch_size // accum
+  placement = batch_sharding(mesh, rules, ndim=2, batch_dim=1)
+  held = set()
+  for index in placement.addressable_devices_indices_map((accum, micro)).values():
+    held.update(range(micro)[index[1]])
+  lo, hi = min(held), max(held) + 1
+  if len(held) != hi - lo or (hi - lo) * jax.process_count() != micro:
+    raise config_lib.ConfigError(
+        f"this process's devices hold rows {sorted(held)[:8]}... of each micro-batch of {micro}: the mesh must split "
+        "the batch evenly over the processes, each holding one contiguous part (put mesh.tensor within a host).")
+  return (np.arange(accum)[:, None] * micro + np.arange(lo, hi)).reshape(-1)
+
+
 def global_batch(local_batch: np.ndarray, sharding: NamedSharding, batch_dim: int = 0) -> jax.Array:
   """Assembles each process's slice of the batch into one global array (multi-host safe)."""
   global_shape = list(local_batch.shape)

@@ -103,12 +103,14 @@ def _check_shapes(params, abstract_params) -> None:
 def first_shape_mismatch(tree, abstract_params) -> tuple[str, tuple | None, tuple] | None:
   """(name, shape in `tree` or None when missing, the config's shape) of the first parameter of `abstract_params`
   that `tree` (arrays, or any leaves with a .shape such as saved metadata) lacks or holds in another shape."""
-  shapes = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in
+  # Keys compared as text: saved metadata names list entries '0' where the model's tree has the index 0.
+  key = lambda path: tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+  shapes = {key(p): tuple(leaf.shape) for p, leaf in
             jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))}
   for path, want in jax.tree_util.tree_leaves_with_path(abstract_params):
-    name = jax.tree_util.keystr(path)
-    if shapes.get(name) != tuple(want.shape):
-      return name, shapes.get(name), tuple(want.shape)
+    there = shapes.get(key(path))
+    if there != tuple(want.shape):
+      return jax.tree_util.keystr(path), there, tuple(want.shape)
   return None
 
 

@@ -1,5 +1,6 @@
-"""Two real processes on 127.0.0.1 with 4 fake CPU devices each train, checkpoint and resume exactly like one
-process with 8 devices (jax.distributed + gloo collectives, each process feeding its own slice of the batch)."""
+"""Real processes on 127.0.0.1 with fake CPU devices (jax.distributed + gloo collectives, each process feeding its
+own rows of the batch) train, checkpoint and resume on another number of processes exactly like one process with 8
+devices."""
 
 import json
 import os
@@ -18,7 +19,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ["--config=configs/quickstart.py", "--config.model.n_layer=1", "--config.model.n_head=2",
          "--config.model.n_embd=32", "--config.model.block_size=16", "--config.data.vocab_size=300",
          "--config.train.batch_size=8", "--config.train.eval_every=0", "--config.log.every_steps=1",
-         "--config.log.samples=0", "--config.checkpoint.every_steps=4", "--config.train.steps=12"]
+         "--config.log.samples=0", "--config.checkpoint.every_steps=4", "--config.train.decay_steps=16",
+         # Dropout on: the masks are the same only if every process count builds the same global batch.
+         "--config.model.dropout=0.1"]
 
 
 def _env(devices: int) -> dict:
@@ -31,13 +34,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, corpus, steps):
+def _processes(workdir, corpus, steps, count: int = 2, devices: int = 4):
+  """`count` processes of `devices` devices each train to `steps`; process 0's stdout."""
   port = _free_port()
+  distributed = lambda i: ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
+                            f"--process_id={i}"] if count > 1 else [])
   processes = [subprocess.Popen(
       [sys.executable, "-m", "gptjax.main", *FLAGS, f"--workdir={workdir}", f"--config.data.path={corpus}",
-       f"--config.train.steps={steps}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+       f"--config.train.steps={steps}", *distributed(i)], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(count)]
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -53,28 +58,29 @@ def _losses(workdir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
+def test_resumes_on_any_number_of_processes_like_one_uninterrupted_process(tmp_path):
+  # One workdir through 2 processes x 4 devices (steps 1-4), 1 x 8 (5-8), 2 x 4 (9-12), 4 x 2 (13-16): the same
+  # global mesh each time, and the same global batches, so the same losses as one process that never stopped.
   corpus = tmp_path / "corpus.txt"
   rng = np.random.RandomState(0)
   words = "the quick brown fox jumps over a lazy dog while cats sleep on warm mats".split()
   corpus.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(3000)))
-  single = subprocess.run([sys.executable, "-m", "gptjax.main", *FLAGS, f"--workdir={tmp_path / 'one'}",
-                           f"--config.data.path={corpus}"], cwd=ROOT, env=_env(8), capture_output=True, text=True,
-                          timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
-  _two_processes(tmp_path / "two", corpus, steps=8)  # stops at 8 with checkpoints at 4 and 8 ...
-  assert "resumed from" in _two_processes(tmp_path / "two", corpus, steps=12)  # ... and resumes to 12
-  one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-  assert sorted(one) == sorted(two) == list(range(1, 13))
-  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], atol=2e-6)
+  _processes(tmp_path / "one", corpus, steps=16, count=1, devices=8)
+  _processes(tmp_path / "run", corpus, steps=4)
+  for steps, count in ((8, 1), (12, 2), (16, 4)):
+    assert f"resumed from {tmp_path / 'run'}/checkpoints/{steps - 4}" in _processes(
+        tmp_path / "run", corpus, steps=steps, count=count, devices=8 // count)
+  one, run = _losses(tmp_path / "one"), _losses(tmp_path / "run")
+  assert sorted(one) == sorted(run) == list(range(1, 17))
+  np.testing.assert_allclose([run[s] for s in sorted(run)], [one[s] for s in sorted(one)], rtol=2e-6)
   # The bookkeeping counts each token once: every process's rows of a global batch of 8 x 16 tokens.
-  summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
+  summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "run")]
   for summary in summaries:
-    assert summary["tokens_seen"] == 12 * 8 * 16 and summary["tokens_per_step"] == 8 * 16, summary
+    assert summary["tokens_seen"] == 16 * 8 * 16 and summary["tokens_per_step"] == 8 * 16, summary
     np.testing.assert_allclose(summary["tokens_per_sec"], 8 * 16 / summary["median_step_seconds"])
   final_one = loader.load_model(str(tmp_path / "one")).params
-  final_two = loader.load_model(str(tmp_path / "two")).params
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final_two, final_one)
+  final_run = loader.load_model(str(tmp_path / "run")).params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), final_run, final_one)
 
 
 def test_a_stop_asked_on_one_process_stops_all_at_a_sync_point(monkeypatch):

@@ -20,9 +20,11 @@ import os
 import grain
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from gptjax import checkpoint, config as config_lib, generate, loader, metrics, paths, sharding, train
+from gptjax.data.pipeline import BatchStream
 from gptjax.finetune import adalora, lora, sft, store, tasks, trainer
 from gptjax.job import Job, log
 from gptjax.model import count_params, describe_execution, flops_per_token
@@ -126,7 +128,9 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
       "are cut)",
       f"training {what}: {metrics.format_count(n_trainable)} trainable parameters ({100 * n_trainable / n_base:.2f}%"
       f" of the base's) | {config.train.steps} steps ({steps_per_epoch} per epoch, batch {t.batch_size})"]
-  batches = train_batches(train_data, task.batch_keys, t.batch_size, t.seed, config.task.group_by_length)
+  accum = config_lib.grad_accum_steps(config, jax.device_count())
+  batches = train_batches(train_data, task.batch_keys, t.batch_size, t.seed, config.task.group_by_length,
+                          sharding.process_rows(mesh, config.mesh.rules, t.batch_size, accum))
   return Job(config=config, model_cfg=run_cfg, graphdef=graphdef, tokenizer=tokenizer, tx=tx, abstract=abstract,
              # Donated: full fine-tuning's step 0 takes over the loaded base instead of copying it.
              shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx), out_shardings=shardings,
@@ -170,28 +174,35 @@ def _flops_per_token(model_cfg, params, kind: str, lora_cfg, seq: int) -> float:
   return flops_per_token(model_cfg, n, seq) - (2 * n if lora_cfg is not None else 0)
 
 
-def train_batches(arrays: dict, keys, batch_size: int, seed: int, group: int = 1) -> grain.DatasetIterator:
-  """Endless batches of rows reshuffled every epoch (Grain: the position resumes exactly from a checkpoint).
+def train_batches(arrays: dict, keys, batch_size: int, seed: int, group: int = 1,
+                  rows: np.ndarray | None = None) -> BatchStream:
+  """Endless batches of rows reshuffled every epoch, resumable at any global position (`BatchStream`).
 
   With group > 1, `group` batches' worth of shuffled rows are drawn at once, sorted by length, split into batches
   and those batches run in a random order: each batch holds rows of similar length (as HF's group_by_length), so
-  little of it is padding. A global batch is cut to the bucket of its longest row; each process takes rows
-  p, p + P, ... of it, so every process sees the same length and the processes together hold the global batch.
+  little of it is padding. Every process draws the whole global batch (cut to the bucket of its longest row, so
+  all see the same length) and takes its `rows` of it (default: all).
   """
-  rows = len(arrays["lengths"])
-  group = max(1, min(group, rows // batch_size))  # a draw is at most an epoch
-  index, count = jax.process_index(), jax.process_count()
-  draws = grain.MapDataset.range(rows).shuffle(seed=seed).repeat().batch(batch_size * group, drop_remainder=True)
+  n = len(arrays["lengths"])
+  group = max(1, min(group, n // batch_size))  # a draw is at most an epoch
+  rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+  draws = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(batch_size * group, drop_remainder=True)
 
   @functools.lru_cache(maxsize=2)  # a draw is sorted once for its `group` batches
   def draw_batches(d: int) -> np.ndarray:
     draw = draws[d]
     by_length = draw[np.argsort(arrays["lengths"][draw], kind="stable")].reshape(group, batch_size)
     return by_length[np.random.default_rng([seed, d]).permutation(group)]
-  ds = draws if group == 1 else grain.MapDataset.range(rows).repeat().map_with_index(
+  ds = draws if group == 1 else grain.MapDataset.range(n).repeat().map_with_index(
       lambda i, _: draw_batches(i // group)[i % group])
-  ds = ds.map(lambda rows_B: {k: v[index::count] for k, v in trainer.take(arrays, rows_B, keys).items()})
-  return iter(ds.to_iter_dataset())
+  ds = ds.map(lambda batch_rows: {k: v[rows] for k, v in trainer.take(arrays, batch_rows, keys).items()})
+
+  def open_at(start: int):
+    if start % batch_size:
+      logging.warning("the saved data position (%d rows) is not a whole number of batches of %d: continuing at the "
+                      "batch it falls in", start, batch_size)
+    return iter(ds[start // batch_size:].to_iter_dataset())
+  return BatchStream(open_at, batch_size)
 
 
 def score(task: tasks.Task, predict, trainable, frozen, examples, data: dict, labels: list[str], batch_size: int,
