@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,41 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, corpus):
                                                    r"config's: parameter .* is \(1, 32\) there and \(1, 64\) here"):
     loop.run(other, str(tmp_path))
   assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]  # not set aside as "corrupt"
+
+
+def test_a_checkpoint_from_before_global_data_positions_resumes_on_any_process_count(tmp_path, corpus):
+  # Written as checkpoints were before: Grain's iterator state per process, here by 2 processes, resumed by 1.
+  loop.run(quick_run_config(corpus, steps=4), str(tmp_path / "new"))
+  shutil.copytree(tmp_path / "new", tmp_path / "legacy")
+  step = tmp_path / "legacy" / "checkpoints" / "4"
+  shutil.rmtree(step / checkpoint.DATA_POSITION)
+  (step / checkpoint.LEGACY_DATA).mkdir()
+  for i in range(2):
+    (step / checkpoint.LEGACY_DATA / f"process_{i}-of-2.json").write_text(json.dumps({"next_index": 4}))
+  resumed = {name: loop.run(quick_run_config(corpus, steps=6), str(tmp_path / name)) for name in ("new", "legacy")}
+  assert resumed["legacy"].train_loss == resumed["new"].train_loss
+  # A position this version cannot read stops the run with one line and keeps the checkpoint.
+  (step / checkpoint.LEGACY_DATA / "process_0-of-2.json").write_text(json.dumps({"cursor": 4}))
+  (step / checkpoint.LEGACY_DATA / "process_1-of-2.json").unlink()
+  for later in (tmp_path / "legacy" / "checkpoints").iterdir():
+    if later.name != "4":
+      shutil.rmtree(later)
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/4 holds a data position this version cannot "
+                                                        r"read \(unknown data position \{'cursor': 4\}\)"):
+    loop.run(quick_run_config(corpus, steps=6), str(tmp_path / "legacy"))
+  assert sorted(p.name for p in (tmp_path / "legacy" / "checkpoints").iterdir()) == ["4"]
+
+
+def test_shapes_compare_with_saved_metadata_of_list_entries():
+  # Saved metadata names the entries of a list of layers '0', '1', ...; the model's tree indexes them 0, 1, ...
+  shape = lambda *s: jax.ShapeDtypeStruct(s, np.float32)
+  saved = {"blocks": {"0": {"bias": shape(32)}, "1": {"bias": shape(32)}}, "wte": shape(300, 32)}
+  assert train.first_shape_mismatch(saved, {"blocks": [{"bias": shape(32)}, {"bias": shape(32)}],
+                                            "wte": shape(300, 32)}) is None
+  assert train.first_shape_mismatch(saved, {"blocks": [{"bias": shape(32)}, {"bias": shape(64)}],
+                                            "wte": shape(300, 32)}) == ("['blocks'][1]['bias']", (32,), (64,))
+  assert train.first_shape_mismatch(saved, {"blocks": [{"bias": shape(32)}] * 3, "wte": shape(300, 32)}) == (
+      "['blocks'][2]['bias']", None, (32,))
 
 
 def test_resume_refuses_a_checkpoint_trained_with_another_tokenizer(tmp_path, corpus):

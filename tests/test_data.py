@@ -278,7 +278,7 @@ def test_prepare_mixture(tmp_path):
   assert prepared.train_tokens == sum(len(data.open_tokens(os.path.join(os.path.dirname(prepared.train_path),
                                                                          m["path"]))) for m in manifest["mixture"])
   tok = prepared.tokenizer
-  batch = next(data.train_batches(prepared.train_path, 64, 64, seed=0, shard_index=0, shard_count=1))
+  batch = next(data.train_batches(prepared.train_path, 64, 64, seed=0))
   from_a = sum("alpha" in tok.decode(row) for row in batch)
   assert from_a == 48  # 0.75 of 64 windows: Grain's mix interleaves exactly by weight
   assert len(data.eval_batches(prepared.val_path, 64, 8, 2, 0, 1)) == 2
@@ -313,46 +313,58 @@ def _take(it, n):
 
 
 def test_train_batches_are_shifted_windows_and_deterministic(token_file):
-  first = _take(data.train_batches(token_file, 16, 8, seed=0, shard_index=0, shard_count=1), 3)
+  first = _take(data.train_batches(token_file, 16, 8, seed=0), 3)
   for batch in first:
     assert batch.shape == (8, 17) and batch.dtype == np.int32
     np.testing.assert_array_equal(batch[:, 1:], batch[:, :-1] + 1)  # targets = inputs shifted by one
     assert np.all(batch[:, 0] % 16 == 0)
-  same = _take(data.train_batches(token_file, 16, 8, seed=0, shard_index=0, shard_count=1), 3)
-  other = _take(data.train_batches(token_file, 16, 8, seed=1, shard_index=0, shard_count=1), 3)
+  same = _take(data.train_batches(token_file, 16, 8, seed=0), 3)
+  other = _take(data.train_batches(token_file, 16, 8, seed=1), 3)
   np.testing.assert_array_equal(np.stack(first), np.stack(same))
   assert not np.array_equal(np.stack(first), np.stack(other))
 
 
-def test_train_batches_shards_are_disjoint_and_make_the_epoch(token_file):
-  # 624 windows: 2 processes x 8 rows x 39 steps read exactly the first epoch.
-  starts = [np.concatenate(_take(data.train_batches(token_file, 16, 8, 0, s, 2), 39))[:, 0] for s in (0, 1)]
-  assert len(set(starts[0])) == len(set(starts[1])) == 312
-  assert not set(starts[0]) & set(starts[1])
-  offset = starts[0][0] % 16  # the first epoch's shift
-  assert set((np.concatenate(starts) - offset) // 16) == set(range(624))
-  # Together the shards read what one process with their combined batch reads.
-  single = np.concatenate(_take(data.train_batches(token_file, 16, 16, 0, 0, 1), 39))[:, 0]
-  assert set(single) == set(starts[0]) | set(starts[1])
+def test_processes_read_their_rows_of_the_global_batches(token_file):
+  # 624 windows: 39 global batches of 16 read exactly the first epoch, whoever reads them.
+  single = np.concatenate(_take(data.train_batches(token_file, 16, 16, 0), 39))
+  starts = single[:, 0]
+  offset = starts[0] % 16  # the first epoch's shift
+  assert sorted((starts - offset) // 16) == list(range(624))
+  # Two processes, each feeding the rows its devices hold (here 0-7 and 8-15), read the same batches between them.
+  halves = [np.stack(_take(data.train_batches(token_file, 16, 16, 0, rows=range(8 * p, 8 * p + 8)), 39))
+            for p in (0, 1)]
+  np.testing.assert_array_equal(np.concatenate(halves, axis=1).reshape(-1, 17), single)
 
 
-def test_train_batches_resume_from_state(token_file):
-  it = data.train_batches(token_file, 16, 8, seed=0, shard_index=0, shard_count=1)
+def test_train_batches_resume_from_state_on_other_rows(token_file):
+  it = data.train_batches(token_file, 16, 8, seed=0)
   _take(it, 76)  # an epoch is 78 steps: the next batches cross into the second epoch
   state = it.get_state()
-  expected = _take(it, 4)
-  resumed = data.train_batches(token_file, 16, 8, seed=0, shard_index=0, shard_count=1)
+  assert state == {"rows": 76 * 8, "batch_size": 8}  # global: the same on every process
+  expected = np.stack(_take(it, 4))
+  resumed = data.train_batches(token_file, 16, 8, seed=0)
   resumed.set_state(state)
-  np.testing.assert_array_equal(np.stack(_take(resumed, 4)), np.stack(expected))
+  np.testing.assert_array_equal(np.stack(_take(resumed, 4)), expected)
+  # Another number of processes: rows 2 and 3 of the same global batches (a micro-batch layout's part).
+  part = data.train_batches(token_file, 16, 8, seed=0, rows=[2, 3])
+  part.set_state(state)
+  np.testing.assert_array_equal(np.stack(_take(part, 4)), expected[:, 2:4])
+  # A checkpoint from before positions were global: Grain's per-process state, plain or with worker processes.
+  for legacy in ({"next_index": 76}, {"iterators_in_use_states": [{"next_index": 38}, {"next_index": 38}]}):
+    old = data.train_batches(token_file, 16, 8, seed=0)
+    old.set_state(legacy)
+    np.testing.assert_array_equal(np.stack(_take(old, 4)), expected)
+  with pytest.raises(ValueError, match="unknown data position"):
+    old.set_state({"something": 1})
 
 
 def test_train_batches_in_worker_processes(token_file):
-  expected = _take(data.train_batches(token_file, 16, 8, seed=0, shard_index=0, shard_count=1), 4)
-  it = data.train_batches(token_file, 16, 8, seed=0, shard_index=0, shard_count=1, num_workers=1)
+  expected = _take(data.train_batches(token_file, 16, 8, seed=0), 4)
+  it = data.train_batches(token_file, 16, 8, seed=0, num_workers=1)
   got = _take(it, 2)
   state = it.get_state()
   it.close()
-  resumed = data.train_batches(token_file, 16, 8, seed=0, shard_index=0, shard_count=1, num_workers=1)
+  resumed = data.train_batches(token_file, 16, 8, seed=0, num_workers=1)
   resumed.set_state(state)
   got += _take(resumed, 2)
   resumed.close()
@@ -365,14 +377,14 @@ def test_mixture_batches_follow_the_weights_and_resume(tmp_path, num_workers):
   write_token_set(str(tmp_path / "b.json"), np.arange(20_000, 21_000))  # ...those of b at 20000 and above
   mixture = str(tmp_path / "mix.json")
   paths.write_json(mixture, {"mixture": [{"path": "a.json", "weight": 0.2}, {"path": "b.json", "weight": 0.8}]})
-  expected = np.concatenate(_take(data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1), 40))
+  expected = np.concatenate(_take(data.train_batches(mixture, 16, 10, seed=3), 40))
   assert (expected[:, 0] >= 20_000).sum() == 0.8 * len(expected)
   assert len(np.unique(expected[:, 0])) > 190  # b's 61 windows repeat, each epoch with a new shift
-  it = data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1, num_workers=num_workers)
+  it = data.train_batches(mixture, 16, 10, seed=3, num_workers=num_workers)
   got = _take(it, 25)
   state = it.get_state()
   del it
-  resumed = data.train_batches(mixture, 16, 10, seed=3, shard_index=0, shard_count=1, num_workers=num_workers)
+  resumed = data.train_batches(mixture, 16, 10, seed=3, num_workers=num_workers)
   resumed.set_state(state)
   got += _take(resumed, 15)
   del resumed
@@ -390,7 +402,7 @@ def test_token_windows_pickle_without_the_memmap(token_file):
 
 
 def test_a_batch_larger_than_an_epoch_repeats_windows_with_a_warning(token_file, caplog):
-  batches = data.train_batches(token_file, 2000, 8, seed=0, shard_index=0, shard_count=1)  # 4 windows per epoch
+  batches = data.train_batches(token_file, 2000, 8, seed=0)  # 4 windows per epoch
   batch = next(batches)
   assert "each step repeats windows" in caplog.text
   assert batch.shape == (8, 2001) and len({row.tobytes() for row in batch[:, :100]}) <= 8

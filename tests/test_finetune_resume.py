@@ -1,5 +1,6 @@
 """Fine-tuning runs through the one training loop: a LoRA NER run killed mid-epoch (SIGKILL) and rerun gives the
-same per-step losses as an uninterrupted run, and 2 processes x 4 CPU devices equal 1 process x 8 devices."""
+same per-step losses as an uninterrupted run, and a run resumed on 2, 1 and 4 processes equals 1 process x 8
+devices."""
 
 import json
 import pathlib
@@ -72,23 +73,32 @@ def test_killed_fine_tune_resumes_to_the_same_losses(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_fine_tune_like_one_process_with_eight_devices(tmp_path):
-  # Without dropout (the config's 0.1): its masks are drawn per process, so they differ between the two layouts.
-  flags = _task(tmp_path) + ["--config.task.epochs=1", "--config.task.dropout=0.0"]
-  single = subprocess.run(_command(flags, tmp_path / "one"), cwd=ROOT, env=_env(8), capture_output=True,
-                          text=True, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
-  processes = [subprocess.Popen(
-      _command(flags, tmp_path / "two") + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                           f"--process_id={i}"],
-      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for p in processes:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-  one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-  assert sorted(one) == sorted(two) == list(range(1, 9))
-  np.testing.assert_allclose([two[s] for s in sorted(two)], [one[s] for s in sorted(one)], atol=2e-6)
-  report_one, report_two = _report(tmp_path / "one"), _report(tmp_path / "two")
-  assert report_two["sentences"] == report_one["sentences"] == 16
-  assert abs(report_two["token_accuracy"] - report_one["token_accuracy"]) < 0.01
+def test_fine_tune_resumes_on_any_number_of_processes_like_one_process(tmp_path):
+  # One workdir through 2 processes x 4 devices (steps 1-4), 1 x 8 (5-8), 4 x 2 (9-12), dropout on: every layout
+  # builds the same global batches, so the steps equal one process with 8 devices that never stopped. (1 -> 2 and
+  # 2 -> 4 are pretraining's test, tests/test_multiprocess.py: the same data stream.)
+  flags = _task(tmp_path) + ["--config.task.epochs=0", "--config.checkpoint.every_steps=4",
+                             "--config.train.decay_steps=12"]
+
+  def run(workdir, steps, count, devices):
+    port = _free_port()
+    distributed = lambda i: ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}",
+                              f"--process_id={i}"] if count > 1 else [])
+    processes = [subprocess.Popen(_command(flags + [f"--config.train.steps={steps}"], workdir) + distributed(i),
+                                  cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for i in range(count)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (_, err) in zip(processes, outputs):
+      assert p.returncode == 0, err[-3000:]
+    return outputs[0][0]
+
+  run(tmp_path / "one", 12, 1, 8)
+  run(tmp_path / "run", 4, 2, 4)
+  for steps, count in ((8, 1), (12, 4)):
+    assert "resumed from" in run(tmp_path / "run", steps, count, 8 // count)
+  one, resumed = _losses(tmp_path / "one"), _losses(tmp_path / "run")
+  assert sorted(one) == sorted(resumed) == list(range(1, 13))
+  np.testing.assert_allclose([resumed[s] for s in sorted(resumed)], [one[s] for s in sorted(one)], rtol=2e-6)
+  report_one, report_run = _report(tmp_path / "one"), _report(tmp_path / "run")
+  assert report_run["sentences"] == report_one["sentences"] == 16
+  assert abs(report_run["token_accuracy"] - report_one["token_accuracy"]) < 1e-6
