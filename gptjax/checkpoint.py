@@ -29,7 +29,9 @@ from gptjax.model import GPT, GPTConfig
 
 EXPORT_MARKER = "export.json"
 DATA_POSITION = "data_position"  # the item holding the data pipeline's global position (`BatchStream`)
-LEGACY_DATA = "data"  # before: Grain's iterator state, one file per process (process_<i>-of-<n>.json)
+LEGACY_DATA = "data"
+# Train state entries a checkpoint may lack (saved before their setting was on), with their step-0 value's maker.
+OPTIONAL_STATE = {"spikes": lambda abstract: train.new_spike_history(abstract["loss"].shape[0])}  # before: Grain's iterator state, one file per process (process_<i>-of-<n>.json)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -168,13 +170,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, d
   """
   where = os.path.join(str(mngr.directory), str(step))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  saved = _saved_tree(os.path.join(where, "state"))
+  # The spike history (train.spike_skip) starts empty when the setting is turned on, and is dropped when turned off.
+  fresh = {k: target.pop(k) for k in OPTIONAL_STATE if k in target and saved is not None and k not in saved}
   try:
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target),
+        partial_restore=True)))["state"]
   except Exception as e:  # Orbax/TensorStore raise many types for truncated or corrupt files
     error = _read_error(where, e)
-    if isinstance(error, UnreadableCheckpoint):
-      _check_shapes(where, os.path.join(where, "state"), abstract_state["params"])  # or it is another model
+    if isinstance(error, UnreadableCheckpoint) and saved is not None:
+      _check_structure(where, saved, abstract_state)  # or it is another model, or another optimizer
     raise error from e
+  for key, value in fresh.items():
+    logging.info("checkpoint %s has no %r: it starts afresh", where, key)
+    state[key] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), OPTIONAL_STATE[key](value), value)
   if data_iterator is not None:
     _restore_data_position(mngr, step, where, data_iterator)
   return state
@@ -206,20 +216,33 @@ def _restore_data_position(mngr: ocp.CheckpointManager, step: int, where: str, d
                           "the gptjax version that wrote it.") from e
 
 
-def _check_shapes(where: str, state_dir: str, params) -> None:
-  """ConfigError naming the first parameter whose shape in the saved state differs from the config's (or that is
-  missing there); nothing when the saved shapes cannot be read."""
+def _saved_tree(state_dir: str):
+  """The saved train state's tree of array metadata (shapes), or None when it cannot be read."""
   try:
     saved = ocp.StandardCheckpointHandler().metadata(paths.path(paths.absolute(state_dir)))
   except Exception:  # pylint: disable=broad-except  # broken metadata: the checkpoint is unreadable, not other
-    return
-  mismatch = train.first_shape_mismatch(getattr(saved, "tree", saved)["params"], params)
+    return None
+  return getattr(saved, "tree", saved)
+
+
+def _check_structure(where: str, saved, abstract_state) -> None:
+  """ConfigError naming the first parameter, or else optimizer state entry, whose shape in the saved state differs
+  from the config's (or that is missing there); nothing when they all match."""
+  mismatch = train.first_shape_mismatch(saved.get("params", {}), abstract_state["params"])
   if mismatch:
     name, there, here = mismatch
     raise config_lib.ConfigError(
         f"checkpoint {where} holds a model of another shape than this config's: parameter {name} is "
         f"{there or 'missing'} there and {here} here. Use the model settings it was trained with to resume it, or a "
         "new --workdir for this model.")
+  mismatch = train.first_shape_mismatch(saved.get("opt_state", {}), abstract_state["opt_state"])
+  if mismatch:
+    name, there, here = mismatch
+    raise config_lib.ConfigError(
+        f"checkpoint {where} holds an optimizer state of another form than this config's: opt_state{name} is "
+        f"{'missing' if there is None else there} there and {here} here (the optimizer settings changed, e.g. "
+        "train.grad_clip on or off, or LoRA/AdaLoRA settings). Use the settings it was trained with to resume it, or "
+        "a new --workdir.")
 
 
 @dataclasses.dataclass

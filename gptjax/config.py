@@ -135,6 +135,15 @@ def default_config() -> ml_collections.ConfigDict:
   # On a NaN/Inf loss or gradient: 'skip' the update (counted as skipped_steps in the metrics) or 'stop' the
   # run with a checkpoint of the last good parameters.
   t.nonfinite = "stop"
+  # Loss spikes: skip an update whose loss or gradient norm exceeds spike_skip times its median over the last
+  # spike_window accepted steps (counted as spike_skipped_steps); 0 = off. After spike_max_in_row spikes in a row
+  # the run stops with a checkpoint of the last good state. Changes the train state: set it when a run starts.
+  t.spike_skip = 0.0
+  t.spike_window = 100
+  t.spike_max_in_row = 10
+  # PaLM's z-loss: z_loss * log(Z)^2 added to the loss per token (softmax normaliser Z of the LM head, or of a
+  # task's classes), keeping logits from drifting; 0 = off (PaLM: 1e-4).
+  t.z_loss = 0.0
 
   c.eval = ev = ml_collections.ConfigDict()
   # lm-evaluation-harness tasks run on the live parameters during pretraining and SFT (comma-separated harness task
@@ -295,6 +304,11 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0 (0 = batches assembled in this process).")
   if t.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}: use 'skip' or 'stop'.")
+  if t.spike_skip and (t.spike_skip <= 1 or t.spike_window < 1 or t.spike_max_in_row < 1):
+    raise ConfigError(f"train.spike_skip={t.spike_skip}, spike_window={t.spike_window}, spike_max_in_row="
+                      f"{t.spike_max_in_row}: spike_skip is a factor above 1 (0 = off; e.g. 3), the others >= 1.")
+  if t.spike_skip < 0 or t.z_loss < 0:
+    raise ConfigError(f"train.spike_skip={t.spike_skip}, train.z_loss={t.z_loss}: use 0 (off) or a positive value.")
   if config.checkpoint.keep <= 0 or config.checkpoint.keep_best < 0:
     raise ConfigError(f"checkpoint.keep={config.checkpoint.keep} must be >= 1 and checkpoint.keep_best="
                       f"{config.checkpoint.keep_best} >= 0.")

@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, metrics, paths, pretrain, sharding, train
+from gptjax import checkpoint, config as config_lib, errors, metrics, paths, pretrain, sharding, train
 from gptjax.job import Job, log
 
 
@@ -256,9 +256,12 @@ class Trainer:
       evaluated = self._due(t.eval_every)
       # checkpoint.keep_best ranks checkpoints by their evaluation: each evaluated step is saved too.
       saving = self._due(self.config.checkpoint.every_steps) or (evaluated and self.config.checkpoint.keep_best > 0)
-      if t.nonfinite == "stop" and (logged or evaluated or saving):
-        if int(step_metrics["skipped_steps"]) > self.skipped_before:
+      if logged or evaluated or saving:
+        if t.nonfinite == "stop" and int(step_metrics["skipped_steps"]) > self.skipped_before:
           stop.reason = "nonfinite"
+          return
+        if t.spike_skip and int(step_metrics["spikes_in_row"]) >= t.spike_max_in_row:
+          stop.reason = "spikes"
           return
         self.checked_step = self.step
       if logged:
@@ -362,11 +365,20 @@ class Trainer:
     if stop.reason == "nonfinite":
       self._save(None)  # the step left parameters and optimizer state as they were: this is the last good state
       self.mngr.wait_until_finished()
-      raise FloatingPointError(
+      raise errors.Diverged(
           f"non-finite loss or gradient at step {self.checked_step + 1}-{self.step} (train.nonfinite='stop'; "
           f"non-finite steps change nothing, so the state is finite); the state is saved in "
           f"{self.mngr.directory}/{self.step}. Lower train.learning_rate or check the data, then rerun to resume, "
           "or set train.nonfinite='skip' to skip such steps.")
+    if stop.reason == "spikes":
+      self._save(None)  # spikes change nothing either: the state is the one before them
+      self.mngr.wait_until_finished()
+      t = self.config.train
+      raise errors.Diverged(
+          f"{t.spike_max_in_row} loss spikes in a row by step {self.step} (loss or gradient norm above "
+          f"train.spike_skip={t.spike_skip} times its median over {t.spike_window} steps; skipped, so the state is "
+          f"the one before them); saved in {self.mngr.directory}/{self.step}. Lower train.learning_rate or check "
+          "the data at these steps, or raise train.spike_skip / train.spike_max_in_row, then rerun to resume.")
     if stop.reason and self.mngr.latest_step() != self.step:
       self._save(None)
       self.mngr.wait_until_finished()

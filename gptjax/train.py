@@ -18,13 +18,31 @@ from gptjax import losses, sharding
 from gptjax.config import ConfigError
 from gptjax.model import GPT, GPTConfig
 
-TrainState = dict  # {'step', 'skipped' (non-finite updates skipped): int32; 'params': pure dict; 'opt_state'}
+# {'step', 'skipped' (non-finite updates skipped): int32; 'params': pure dict; 'opt_state'; with train.spike_skip
+# also 'spikes' (see `new_spike_history`)}
+TrainState = dict
 
 
-def new_state(params, tx) -> TrainState:
-  """Step 0 of a run starting from `params`."""
-  return {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32), "params": params,
-          "opt_state": tx.init(params)}
+def new_state(params, tx, spike_window: int = 0) -> TrainState:
+  """Step 0 of a run starting from `params` (`spike_window`: train.spike_skip's history, 0 = off)."""
+  state = {"step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": tx.init(params)}
+  if spike_window:
+    state["spikes"] = new_spike_history(spike_window)
+  return state
+
+
+def new_spike_history(window: int) -> dict:
+  """The last `window` accepted steps' loss and gradient norm (NaN until written), how many were accepted, the
+  spikes skipped so far and how many of the latest steps in a row were spikes."""
+  nan = jnp.full((window,), jnp.nan, jnp.float32)
+  zero = jnp.zeros((), jnp.int32)
+  return {"loss": nan, "grad_norm": nan, "accepted": zero, "skipped": zero, "in_row": zero}
+
+
+def spike_window(config) -> int:
+  """The spike history's length in a config's train state: train.spike_window when train.spike_skip is on."""
+  return config.train.spike_window if config.train.get("spike_skip", 0) > 0 else 0
 
 
 def lr_schedule(config) -> optax.Schedule:
@@ -66,14 +84,18 @@ def abstract_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientT
   graphdef, abstract = abstract_model(model_cfg)
   param_shardings = sharding.state_shardings(abstract, config.mesh.rules, mesh)
   abstract_params = nnx.to_pure_dict(abstract)
-  return graphdef, jax.eval_shape(lambda p: new_state(p, tx), abstract_params), state_shardings(
-      tx, abstract_params, param_shardings, mesh)
+  window = spike_window(config)
+  return graphdef, jax.eval_shape(lambda p: new_state(p, tx, window), abstract_params), state_shardings(
+      tx, abstract_params, param_shardings, mesh, window)
 
 
-def state_shardings(tx, abstract_params, param_shardings, mesh: Mesh) -> dict:
+def state_shardings(tx, abstract_params, param_shardings, mesh: Mesh, spike_window: int = 0) -> dict:
   """The train state's shardings: the parameters', their optimizer moments alike, counters replicated."""
-  return {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh), "params": param_shardings,
-          "opt_state": optimizer_shardings(tx, abstract_params, param_shardings, mesh)}
+  shardings = {"step": sharding.replicated(mesh), "skipped": sharding.replicated(mesh), "params": param_shardings,
+               "opt_state": optimizer_shardings(tx, abstract_params, param_shardings, mesh)}
+  if spike_window:
+    shardings["spikes"] = jax.tree.map(lambda _: sharding.replicated(mesh), new_spike_history(1))
+  return shardings
 
 
 def init_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTransformation, params=None):
@@ -84,11 +106,12 @@ def init_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientTrans
   graphdef, abstract, shardings = abstract_state(config, model_cfg, mesh, tx)
   if params is not None:
     _check_shapes(params, abstract["params"])
-    return graphdef, jax.jit(lambda p: new_state(p, tx), out_shardings=shardings)(params), shardings
+    return graphdef, jax.jit(lambda p: new_state(p, tx, spike_window(config)), out_shardings=shardings)(
+        params), shardings
 
   def init(seed):
     params = nnx.to_pure_dict(nnx.state(GPT(model_cfg, nnx.Rngs(jax.random.key(seed)))))
-    return new_state(params, tx)
+    return new_state(params, tx, spike_window(config))
   return graphdef, jax.jit(init, out_shardings=shardings)(config.train.seed), shardings
 
 
@@ -122,11 +145,12 @@ def optimizer_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
                                is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
 
 
-def loss_fn(params, graphdef, tokens_BT1: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-  """Mean next-token cross-entropy of the window tokens[:, :-1] -> tokens[:, 1:]."""
+def loss_fn(params, graphdef, tokens_BT1: jax.Array, dropout_key: jax.Array | None, z_loss: float = 0.0
+            ) -> jax.Array:
+  """Mean next-token cross-entropy of the window tokens[:, :-1] -> tokens[:, 1:] (+ train.z_loss's term)."""
   model = nnx.merge(graphdef, params)
   h_BTD = model(tokens_BT1[:, :-1], dropout_key)
-  return losses.lm_cross_entropy(h_BTD, model.head_embedding(), tokens_BT1[:, 1:])
+  return losses.lm_cross_entropy(h_BTD, model.head_embedding(), tokens_BT1[:, 1:], z_loss)
 
 
 def guard_as_conditional(mesh: Mesh) -> bool:
@@ -148,10 +172,12 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None,
   With `frozen_shardings` the step takes a third, non-donated argument `frozen` (parameters that are not trained,
   e.g. a base under LoRA adapters): jit(train_step)(state, batch, frozen).
   """
-  seed_key = jax.random.key(config.train.seed)
+  t = config.train
+  seed_key = jax.random.key(t.seed)
   use_dropout = config.model.dropout > 0 if use_dropout is None else use_dropout
   schedule = lr_schedule(config)
-  objective = objective or (lambda params, frozen, tokens_BT1, key: loss_fn(params, graphdef, tokens_BT1, key))
+  objective = objective or (lambda params, frozen, tokens_BT1, key: loss_fn(params, graphdef, tokens_BT1, key,
+                                                                            t.z_loss))
 
   def train_step(state, batch_KB, frozen=None):
     params = state["params"]
@@ -175,11 +201,17 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None,
       (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), batch_KB))
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     with jax.named_scope("optimizer"):
-      new_params, new_opt_state, grad_norm, finite = _guarded_update(tx, params, state["opt_state"], grads, loss, mesh)
+      grad_norm = optax.tree.norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      spike = _is_spike(state["spikes"], loss, grad_norm, t) if "spikes" in state else jnp.bool_(False)
+      new_params, new_opt_state = _guarded_update(tx, params, state["opt_state"], grads, finite & ~spike, mesh)
     updated = {"step": state["step"] + 1, "skipped": state["skipped"] + (~finite).astype(jnp.int32),
                "params": new_params, "opt_state": new_opt_state}
     metrics = {"train_loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
                "skipped_steps": updated["skipped"]}
+    if "spikes" in state:
+      updated["spikes"] = _record(state["spikes"], loss, grad_norm, accepted=finite & ~spike, spike=finite & spike)
+      metrics.update(spike_skipped_steps=updated["spikes"]["skipped"], spikes_in_row=updated["spikes"]["in_row"])
     return updated, metrics
 
   # One placement for every leaf of the batch: dim 1 split over the batch axes, the rest replicated.
@@ -189,24 +221,38 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None,
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def _guarded_update(tx, params, opt_state, grads, loss, mesh: Mesh):
-  """(params, opt_state) after one optimizer update, or as they were when the loss or a gradient is not finite
-  (train.nonfinite); and the gradients' global norm and whether they were finite."""
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
+def _guarded_update(tx, params, opt_state, grads, apply: jax.Array, mesh: Mesh):
+  """(params, opt_state) after one optimizer update, or as they were when `apply` is false (a non-finite loss or
+  gradient, train.nonfinite; a loss spike, train.spike_skip)."""
   def apply_update(operands):
     params, opt_state, grads = operands
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
-  # A NaN/Inf loss or gradient leaves parameters and optimizer state as they were (train.nonfinite).
   operands = (params, opt_state, grads)
   if guard_as_conditional(mesh):
-    new_params, new_opt_state = jax.lax.cond(finite, apply_update, lambda operands: operands[:2], operands)
-  else:
-    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_params, new_opt_state = keep_if_finite(apply_update(operands), operands[:2])
-  return new_params, new_opt_state, grad_norm, finite
+    return jax.lax.cond(apply, apply_update, lambda operands: operands[:2], operands)
+  keep_unless_applied = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+  return keep_unless_applied(apply_update(operands), operands[:2])
+
+
+def _is_spike(history: dict, loss: jax.Array, grad_norm: jax.Array, t) -> jax.Array:
+  """Whether this step is a spike (train.spike_skip): its loss or gradient norm above spike_skip times their median
+  over the last spike_window accepted steps (once there are that many); after spike_max_in_row spikes in a row,
+  every step is, so the state stays the last good one until the loop stops the run."""
+  full = history["accepted"] >= history["loss"].shape[0]
+  above = (loss > t.spike_skip * jnp.median(history["loss"])) | (
+      grad_norm > t.spike_skip * jnp.median(history["grad_norm"]))
+  return (full & above) | (history["in_row"] >= t.spike_max_in_row)
+
+
+def _record(history: dict, loss, grad_norm, accepted: jax.Array, spike: jax.Array) -> dict:
+  """The spike history after a step: an accepted step's loss and gradient norm written over the oldest."""
+  slot = history["accepted"] % history["loss"].shape[0]
+  write = lambda buffer, value: jnp.where(accepted, buffer.at[slot].set(value.astype(jnp.float32)), buffer)
+  return {"loss": write(history["loss"], loss), "grad_norm": write(history["grad_norm"], grad_norm),
+          "accepted": history["accepted"] + accepted.astype(jnp.int32),
+          "skipped": history["skipped"] + spike.astype(jnp.int32),
+          "in_row": jnp.where(spike, history["in_row"] + 1, 0)}
 
 
 def make_eval_step(graphdef, config, shardings, mesh: Mesh):

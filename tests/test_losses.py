@@ -49,3 +49,30 @@ def test_token_losses_and_weighted_gradients_equal_numpy():
   np.testing.assert_allclose(dh, dlogits_BTV @ wte_VD, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dwte, np.einsum("btv,btd->vd", dlogits_BTV, h_BTD), rtol=1e-5, atol=1e-5)
   assert not np.asarray(dh)[weights_BT == 0].any()
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_z_loss_and_its_gradients_equal_autodiff_of_the_reference(dtype, tol):
+  """PaLM's z-loss, z * mean log(Z)^2 on top of the cross-entropy, through the fused VJP at GPT-2's vocabulary."""
+  h = (jax.random.normal(jax.random.key(0), (2, 16, 64)) * 2).astype(dtype)
+  wte = jax.random.normal(jax.random.key(1), (50304, 64)) * 0.3
+  targets = jax.random.randint(jax.random.key(2), (2, 16), 0, 50304)
+
+  def reference(h, wte):
+    logits = jnp.einsum("btd,vd->btv", h.astype(jnp.float32), wte)
+    return _reference_cross_entropy(h, wte, targets) + 1e-2 * jnp.square(jax.nn.logsumexp(logits, -1)).mean()
+  loss, grads = jax.value_and_grad(losses.lm_cross_entropy, argnums=(0, 1))(h, wte, targets, 1e-2)
+  ref, ref_grads = jax.value_and_grad(reference, argnums=(0, 1))(h.astype(jnp.float32), wte)
+  assert float(loss) > float(losses.lm_cross_entropy(h, wte, targets)) + 1e-2  # log(Z) ~ 10 here: the term counts
+  np.testing.assert_allclose(loss, ref, rtol=tol)
+  for grad, expected in zip(grads, ref_grads):
+    np.testing.assert_allclose(grad.astype(jnp.float32), expected, atol=tol * float(jnp.abs(expected).max()))
+
+
+def test_task_z_loss():
+  from gptjax.finetune import classify  # pylint: disable=import-outside-toplevel
+  logits = jnp.array([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
+  labels = jnp.array([0, 2])
+  lse = jax.nn.logsumexp(logits, -1)
+  np.testing.assert_allclose(classify.cross_entropy(logits, labels, 1e-3) - classify.cross_entropy(logits, labels),
+                             1e-3 * lse ** 2, rtol=1e-5)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from gptjax import loop, metrics
@@ -98,3 +99,38 @@ def test_an_estimate_over_a_day_prints_one_warning_with_the_alternatives(tmp_pat
   assert err.count("WARNING: this run would take about") == 1, err
   for alternative in ("--config=configs/quickstart.py", "accelerator", "--config.train.steps=N"):
     assert alternative in err
+
+
+@pytest.mark.slow
+def test_spikes_in_a_row_stop_the_run_with_one_line_and_the_last_good_state(tmp_path, corpus):
+  # A learning rate of 3 makes the loss climb: the window fills with the first steps, then each step is a spike.
+  spiking = ["--config.train.learning_rate=3", "--config.train.warmup_steps=0", "--config.train.grad_clip=0",
+             "--config.train.spike_skip=2", "--config.train.spike_window=3", "--config.train.spike_max_in_row=3",
+             "--config.log.every_steps=1", "--config.train.steps=30", "--config.log.samples=0"]
+  result = subprocess.run(_main(tmp_path / "run", corpus, *spiking), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.match(r"error: 3 loss spikes in a row by step (\d+) .*saved in .*checkpoints/\1\. Lower", last), last
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  skipped = [r["spike_skipped_steps"] for r in rows if "train_loss" in r]
+  assert skipped[:3] == [0, 0, 0] and skipped[-1] == 2  # the window's 3 steps, then spikes (the 3rd stops it)
+  # Stopped at the first check after the third spike (every step is logged); the unit test in test_train.py
+  # shows that skipped steps leave the state exactly as it was.
+  stopped_at = int(re.search(r"by step (\d+)", last).group(1))
+  assert stopped_at == len(skipped) + 1
+
+
+@pytest.mark.slow
+def test_z_loss_adds_its_term_to_the_training_loss(tmp_path, corpus):
+  first = {}
+  for z in (0.0, 1e-3):
+    result = subprocess.run(_main(tmp_path / str(z), corpus, "--config.train.steps=1", "--config.log.samples=0",
+                                  f"--config.train.z_loss={z}", "--config.train.eval_every=0"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / str(z) / "metrics.jsonl").read_text().splitlines()]
+    first[z] = next(r["train_loss"] for r in rows if "train_loss" in r)
+  # At GPT-2's initialisation the logits are near 0, so log(Z) is near log(vocab): 384 (300 padded to 128s).
+  expected = 1e-3 * np.log(384) ** 2
+  assert 0.9 * expected < first[1e-3] - first[0.0] < 1.1 * expected, first

@@ -1,6 +1,7 @@
 """Train step behaviour: it learns, accumulation equals one big batch, the schedule and decay mask are right."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,3 +78,34 @@ def test_dropout_changes_training_but_not_eval():
   first = eval_step(state["params"], tokens[0])
   np.testing.assert_allclose(eval_step(state["params"], tokens[0]), first)
   np.testing.assert_allclose(first, plain[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("conditional", [True, False], ids=["conditional", "select"])
+def test_a_loss_spike_is_skipped_and_the_run_equals_one_that_never_saw_it(conditional, monkeypatch):
+  monkeypatch.setattr(train, "guard_as_conditional", lambda mesh: conditional)  # False: the GPU/TPU form
+  config = tiny_config(spike_skip=3.0, spike_window=4, spike_max_in_row=2)
+  graphdef, state, shardings, mesh, tx = build(config)
+  # A batch carries a factor on its loss: 100 makes a bad batch whose loss and gradients are 100 times the others'.
+  objective = lambda params, frozen, batch, key: train.loss_fn(params, graphdef, batch["tokens"], key) * batch["scale"][0]
+  step = train.make_train_step(graphdef, tx, config, shardings, mesh, objective)
+  placement = sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 2, 1)
+  batch = lambda seed, scale=1.0: {"tokens": sharding.global_batch(random_tokens((1, 8, 17), seed=seed), placement, 1),
+                                   "scale": sharding.global_batch(np.full((1, 8), scale, np.float32), placement, 1)}
+
+  def run(scales):
+    s = jax.tree.map(jnp.copy, state)
+    for seed, scale in scales:
+      s, metrics = step(s, batch(seed, scale))
+    return jax.device_get(s), jax.device_get(metrics)
+  clean, clean_metrics = run([(i, 1.0) for i in range(6)])
+  spiked, spiked_metrics = run([(i, 1.0) for i in range(5)] + [(9, 100.0), (5, 1.0)])
+  assert int(spiked_metrics["spike_skipped_steps"]) == 1 and int(clean_metrics["spike_skipped_steps"]) == 0
+  assert int(spiked_metrics["spikes_in_row"]) == 0 and int(spiked["step"]) == 7
+  jax.tree.map(np.testing.assert_array_equal, spiked["params"], clean["params"])
+  jax.tree.map(np.testing.assert_array_equal, spiked["opt_state"], clean["opt_state"])
+  # Spikes in a row: counted, and from spike_max_in_row on every step is refused (the loop then stops the run).
+  state_after, metrics = run([(i, 1.0) for i in range(5)] + [(9, 100.0), (10, 100.0), (5, 1.0)])
+  assert int(metrics["spikes_in_row"]) == 3 and int(metrics["spike_skipped_steps"]) == 3
+  jax.tree.map(np.testing.assert_array_equal, state_after["params"], run([(i, 1.0) for i in range(5)])[0]["params"])
+  # Before the window is full nothing is a spike.
+  assert int(run([(0, 1.0), (9, 100.0)])[1]["spike_skipped_steps"]) == 0

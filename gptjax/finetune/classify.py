@@ -146,16 +146,19 @@ def head_logits(head: dict, h_BTD: jax.Array, lengths_B: jax.Array, pool: str = 
   return pooled_BD @ head["kernel"] + head["bias"]
 
 
-def cross_entropy(logits_NC: jax.Array, labels_N: jax.Array) -> jax.Array:
-  """Softmax cross-entropy of each row (any leading shape) against its integer label."""
-  return jax.nn.logsumexp(logits_NC, -1) - jnp.take_along_axis(logits_NC, labels_N[..., None], -1)[..., 0]
+def cross_entropy(logits_NC: jax.Array, labels_N: jax.Array, z_loss: float = 0.0) -> jax.Array:
+  """Softmax cross-entropy of each row (any leading shape) against its integer label, plus PaLM's z-loss
+  z_loss * log(Z)^2 (train.z_loss)."""
+  lse_N = jax.nn.logsumexp(logits_NC, -1)
+  nll_N = lse_N - jnp.take_along_axis(logits_NC, labels_N[..., None], -1)[..., 0]
+  return nll_N + z_loss * jnp.square(lse_N) if z_loss else nll_N
 
 
-def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None, pool: str = "last"
+def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None, pool: str = "last", z_loss: float = 0.0
          ) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy, predicted classes [B]) of a batch {'tokens', 'lengths', 'labels'}."""
+  """(mean cross-entropy (+ train.z_loss's term), predicted classes [B]) of a batch {'tokens', 'lengths', 'labels'}."""
   logits_BC = head_logits(head, model(batch["tokens"], dropout_key), batch["lengths"], pool)
-  return cross_entropy(logits_BC, batch["labels"]).mean(), logits_BC.argmax(-1)
+  return cross_entropy(logits_BC, batch["labels"], z_loss).mean(), logits_BC.argmax(-1)
 
 
 def metrics(labels_N: np.ndarray, predictions_N: np.ndarray, num_classes: int) -> dict:

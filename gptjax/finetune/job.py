@@ -81,8 +81,9 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
     tx = adalora.allocator(tx, config, trainable["lora"])
   param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-  shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh)
-  abstract = jax.eval_shape(lambda p: train.new_state(p, tx), abstract_params)
+  window = train.spike_window(config)
+  shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh, window)
+  abstract = jax.eval_shape(lambda p: train.new_state(p, tx, window), abstract_params)
 
   predict = trainer.make_predict(store.graphdef_of(run_cfg), task.loss, lora_cfg, mesh, config.mesh.rules)
   final_rows = []
@@ -133,7 +134,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
                           sharding.process_rows(mesh, config.mesh.rules, t.batch_size, accum))
   return Job(config=config, model_cfg=run_cfg, graphdef=graphdef, tokenizer=tokenizer, tx=tx, abstract=abstract,
              # Donated: full fine-tuning's step 0 takes over the loaded base instead of copying it.
-             shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx), out_shardings=shardings,
+             shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx, window), out_shardings=shardings,
                                                              donate_argnums=0)(trainable),
              batches=batches, evaluate=evaluate, finish=finish,
              tokens=lambda batch: int(batch["tokens"].size) * jax.process_count(), steps=config.train.steps,
@@ -141,7 +142,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
              description=description, frozen=frozen or None,
              language_model=(None if config.task.kind != "sft" else lambda params: (
                  trainer.merged_params(params, frozen, lora_cfg), store.graphdef_of(model_cfg))),
-             objective=trainer.objective(graphdef, task.loss, lora_cfg, config.lora.orth_reg_weight),
+             objective=trainer.objective(graphdef, functools.partial(task.loss, z_loss=t.z_loss), lora_cfg,
+                                         config.lora.orth_reg_weight),
              frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
              use_dropout=dropout > 0)
 

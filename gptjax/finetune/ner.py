@@ -176,7 +176,8 @@ def init_head(n_embd: int, n_tags: int, key: jax.Array, crf: bool = True, train_
   return dict(head, transitions=jnp.asarray(pmi, jnp.float32))
 
 
-def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None, z_loss: float = 0.0
+         ) -> tuple[jax.Array, jax.Array]:
   """(mean loss per labelled word, tag log-probabilities [B, T, C]) of {'tokens', 'labels', ...}.
 
   The loss is each word's cross-entropy, or with a CRF head (a 'transitions' entry) the linear-chain CRF's
@@ -190,7 +191,7 @@ def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple
   if "transitions" in head:
     nll = _crf_nll(logits_BTC, labels_BT, scored_BT, head["transitions"])
   else:
-    nll = (classify.cross_entropy(logits_BTC, jnp.where(scored_BT, labels_BT, 0)) * scored_BT).sum()
+    nll = (classify.cross_entropy(logits_BTC, jnp.where(scored_BT, labels_BT, 0), z_loss) * scored_BT).sum()
   return nll / words, jax.nn.log_softmax(logits_BTC)
 
 

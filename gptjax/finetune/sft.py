@@ -117,8 +117,10 @@ def encode(tokenizer, conversations: list[Conversation], max_len: int) -> dict:
   return arrays
 
 
-def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(mean cross-entropy over response tokens, per row [nats, tokens, correct next-token guesses] [B, 3]).
+def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None, z_loss: float = 0.0
+         ) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy over response tokens (+ train.z_loss's term), per row [nats, tokens, correct next-token
+  guesses] [B, 3]).
 
   `head` is empty: the LM head is the model's own (tied to the token embedding).
   """
@@ -126,9 +128,11 @@ def loss(model, head: dict, batch: dict, dropout_key: jax.Array | None) -> tuple
   tokens_BT = batch["tokens"]
   h_BTD = model(tokens_BT[:, :-1], dropout_key)
   scored_BT = batch["targets"][:, 1:].astype(jnp.float32)
-  nats_BT = losses.token_losses(h_BTD, model.head_embedding(), tokens_BT[:, 1:]) * scored_BT
+  nats_BT, lse_BT = losses.token_terms(h_BTD, model.head_embedding(), tokens_BT[:, 1:])
+  nats_BT = nats_BT * scored_BT
   correct_BT = (model.logits(h_BTD).argmax(-1) == tokens_BT[:, 1:]) * scored_BT
-  return nats_BT.sum() / jnp.maximum(scored_BT.sum(), 1), jnp.stack(
+  objective_BT = nats_BT + z_loss * jnp.square(lse_BT) * scored_BT if z_loss else nats_BT
+  return objective_BT.sum() / jnp.maximum(scored_BT.sum(), 1), jnp.stack(
       [nats_BT.sum(1), scored_BT.sum(1), correct_BT.sum(1)], axis=-1)
 
 

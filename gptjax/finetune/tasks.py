@@ -155,6 +155,9 @@ def validate(config, n_devices: int) -> None:
   if t.eval_batch_size <= 0 or t.eval_batch_size % dp:
     raise ConfigError(f"task.eval_batch_size={t.eval_batch_size} must be a positive multiple of the data-parallel "
                       f"degree {dp} (each device scores its rows), e.g. {max(dp, 64 // dp * dp)}.")
+  if config.train.z_loss and t.kind == "ner" and t.crf:
+    raise ConfigError(f"train.z_loss={config.train.z_loss} acts on a softmax's normaliser; a CRF head (task.crf=True) "
+                      "normalises over whole tag sequences: set train.z_loss=0 or task.crf=False.")
   if config.train.micro_batch_size == -1:
     raise ConfigError("train.micro_batch_size=-1 (search the largest that fits) is for pretraining, whose batches "
                       "have one shape; a task's batches vary in length: give a number of rows per device (0 = the "
