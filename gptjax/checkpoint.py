@@ -173,15 +173,20 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, d
   saved = _saved_tree(os.path.join(where, "state"))
   # The spike history (train.spike_skip) starts empty when the setting is turned on, and is dropped when turned off.
   fresh = {k: target.pop(k) for k in OPTIONAL_STATE if k in target and saved is not None and k not in saved}
+  replicated = sharding.replicated(shardings["step"].mesh)
+  dropped = [k for k in OPTIONAL_STATE if k not in target and saved is not None and k in saved]
+  for key in dropped:
+    target[key] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved[key],
+                               is_leaf=lambda m: hasattr(m, "shape"))
   try:
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target),
-        partial_restore=True)))["state"]
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   except Exception as e:  # Orbax/TensorStore raise many types for truncated or corrupt files
     error = _read_error(where, e)
     if isinstance(error, UnreadableCheckpoint) and saved is not None:
       _check_structure(where, saved, abstract_state)  # or it is another model, or another optimizer
     raise error from e
+  for key in dropped:
+    del state[key]
   for key, value in fresh.items():
     logging.info("checkpoint %s has no %r: it starts afresh", where, key)
     state[key] = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), OPTIONAL_STATE[key](value), value)

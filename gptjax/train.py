@@ -35,9 +35,10 @@ def new_state(params, tx, spike_window: int = 0) -> TrainState:
 def new_spike_history(window: int) -> dict:
   """The last `window` accepted steps' loss and gradient norm (NaN until written), how many were accepted, the
   spikes skipped so far and how many of the latest steps in a row were spikes."""
-  nan = jnp.full((window,), jnp.nan, jnp.float32)
-  zero = jnp.zeros((), jnp.int32)
-  return {"loss": nan, "grad_norm": nan, "accepted": zero, "skipped": zero, "in_row": zero}
+  # A buffer each: the train step donates them.
+  nan = lambda: jnp.full((window,), jnp.nan, jnp.float32)
+  zero = lambda: jnp.zeros((), jnp.int32)
+  return {"loss": nan(), "grad_norm": nan(), "accepted": zero(), "skipped": zero(), "in_row": zero()}
 
 
 def spike_window(config) -> int:

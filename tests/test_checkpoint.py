@@ -130,6 +130,20 @@ def test_a_checkpoint_from_before_global_data_positions_resumes_on_any_process_c
   assert sorted(p.name for p in (tmp_path / "legacy" / "checkpoints").iterdir()) == ["4"]
 
 
+def test_restore_errors_name_their_cause_and_spike_history_follows_the_setting(tmp_path, corpus):
+  loop.run(quick_run_config(corpus, steps=4), str(tmp_path))
+  # Another optimizer (gradient clipping off): named as such, the checkpoint kept.
+  with pytest.raises(config_lib.ConfigError, match=r"checkpoints/4 holds an optimizer state of another form than this "
+                                                   r"config's: opt_state\S* is missing there"):
+    loop.run(quick_run_config(corpus, steps=6, grad_clip=0.0), str(tmp_path))
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]
+  # train.spike_skip turned on for a resume: its history starts empty; turned off again: dropped.
+  on = loop.run(quick_run_config(corpus, steps=6, spike_skip=3.0, spike_window=2), str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert on.step == 6 and [r["spike_skipped_steps"] for r in rows if "spike_skipped_steps" in r] == [0, 0]  # 5, 6
+  assert loop.run(quick_run_config(corpus, steps=8), str(tmp_path)).step == 8
+
+
 def test_shapes_compare_with_saved_metadata_of_list_entries():
   # Saved metadata names the entries of a list of layers '0', '1', ...; the model's tree indexes them 0, 1, ...
   shape = lambda *s: jax.ShapeDtypeStruct(s, np.float32)
