@@ -29,9 +29,9 @@ from gptjax.model import GPT, GPTConfig
 
 EXPORT_MARKER = "export.json"
 DATA_POSITION = "data_position"  # the item holding the data pipeline's global position (`BatchStream`)
-LEGACY_DATA = "data"
+LEGACY_DATA = "data"  # before: Grain's iterator state, one file per process (process_<i>-of-<n>.json)
 # Train state entries a checkpoint may lack (saved before their setting was on), with their step-0 value's maker.
-OPTIONAL_STATE = {"spikes": lambda abstract: train.new_spike_history(abstract["loss"].shape[0])}  # before: Grain's iterator state, one file per process (process_<i>-of-<n>.json)
+OPTIONAL_STATE = {"spikes": lambda abstract: train.new_spike_history(abstract["loss"].shape[0])}
 
 
 class CheckpointError(UserError, RuntimeError):

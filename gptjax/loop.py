@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptjax import checkpoint, config as config_lib, errors, metrics, paths, pretrain, sharding, train
+from gptjax import checkpoint, config as config_lib, errors, goodput, metrics, paths, pretrain, sharding, train
 from gptjax.job import Job, log
 
 
@@ -248,6 +248,12 @@ class Trainer:
 
   def train(self, stop: StopFlag, start_time: float) -> None:
     """Steps until the job's last step or a stop; after each, the actions due at it."""
+    self.time = goodput.TimeSplit(self.workdir, start_time, self.first_step)
+    self.time.seconds["startup"] = time.time() - start_time
+    with self.time.timing("steps"):  # what the parts below do not claim
+      self._train(stop, start_time)
+
+  def _train(self, stop: StopFlag, start_time: float) -> None:
     t, every = self.config.train, self.config.log.every_steps
     # Multi-host runs agree on stopping at logging steps, where the loop waits for the device anyway.
     while self.step < self.job.steps and not stop.should_stop(self.step % every == 0):
@@ -267,7 +273,8 @@ class Trainer:
       if logged:
         self._log(step_metrics)
       if evaluated:
-        self.evaluation = self._evaluate(final=False)
+        with self._timed("evaluations"):
+          self.evaluation = self._evaluate(final=False)
         self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.evaluation.items()))
         self.throughput.restart_window()
       if self._due(self.config.eval.harness_every) and not self._harness(stop):
@@ -277,6 +284,14 @@ class Trainer:
       if t.max_seconds and time.time() - start_time > t.max_seconds:
         stop.reason = f"train.max_seconds={t.max_seconds}"
 
+  @contextlib.contextmanager
+  def _timed(self, part: str):
+    """A block that needs the latest step's state, timed as `part` once that step has finished (its compute is
+    step time)."""
+    jax.block_until_ready(self.state)
+    with self.time.timing(part):
+      yield
+
   def _due(self, every: int) -> bool:
     """Whether an action run every `every` steps (0 = never) is due after this step; the end has its own."""
     return bool(every and self.step % every == 0 and self.step < self.job.steps)
@@ -285,12 +300,16 @@ class Trainer:
     """Queues the next step on the device and returns its (not yet computed) metrics; waits for the step before."""
     self.profiler.before_step(self.step + 1, self.state)
     with jax.profiler.StepTraceAnnotation("train", step_num=self.step + 1):
-      local = next(self.job.batches)
-      self.state, step_metrics = self.train_step(self.state, self._place(local), *self.frozen)
+      with self.time.timing("data"):
+        local = next(self.job.batches)
+      # The first call traces and compiles before it queues the step.
+      with self.time.timing("compile") if self.step == self.first_step else contextlib.nullcontext():
+        self.state, step_metrics = self.train_step(self.state, self._place(local), *self.frozen)
     # This step starts when the one before it ends; a stop signal says how long they still need.
     step_seconds = self.throughput.last_step_seconds() or self.estimate
     stop.busy_until = max(stop.busy_until or 0.0, time.perf_counter()) + step_seconds
     self.step += 1
+    self.time.steps_done(self.step)
     self.profiler.after_step(self.step, (self.state, step_metrics))
     self.throughput.add(self.job.tokens(local))
     self._wait_for_previous_step()
@@ -314,6 +333,7 @@ class Trainer:
     self.train_loss = float(step_metrics.pop("train_loss"))
     self.writer.write(self.step, train_loss=self.train_loss, **step_metrics, tokens_per_sec=tokens_per_sec, mfu=mfu)
     self.bar.set_postfix(loss=f"{self.train_loss:.4f}", tok_s=metrics.format_count(tokens_per_sec), mfu=f"{mfu:.1%}")
+    self.time.save(at_most_every=60)
 
   def _evaluate(self, final: bool) -> dict:
     results = self.job.evaluate(self.state["params"], final)
@@ -336,7 +356,7 @@ class Trainer:
   def _harness(self, stop: StopFlag) -> bool:
     """Runs and logs the harness tasks after this step; False when a stop signal cut them short."""
     try:
-      with stop.interruptible():
+      with stop.interruptible(), self._timed("evaluations"):
         results = self._harness_results()
     except Interrupted as e:
       log("harness evaluation at step %d skipped: %s; saving the checkpoint", self.step, e)
@@ -347,8 +367,14 @@ class Trainer:
     return True
 
   def _save(self, evaluation: dict | None) -> None:
-    checkpoint.save(self.mngr, self.step, self.state, self.job.batches, self.config, self.job.tokenizer,
-                    evaluation)
+    with self._timed("checkpoints"):
+      checkpoint.save(self.mngr, self.step, self.state, self.job.batches, self.config, self.job.tokenizer,
+                      evaluation)
+    self.time.save()  # a run killed later leaves its account up to this checkpoint
+
+  def _wait_for_saves(self) -> None:
+    with self.time.timing("checkpoints"):
+      self.mngr.wait_until_finished()
 
   def finish(self, stop: StopFlag, start_time: float) -> RunInfo:
     """The last step's checkpoint and the final evaluation, then the summary.
@@ -364,7 +390,7 @@ class Trainer:
     self.bar.close()
     if stop.reason == "nonfinite":
       self._save(None)  # the step left parameters and optimizer state as they were: this is the last good state
-      self.mngr.wait_until_finished()
+      self._wait_for_saves()
       raise errors.Diverged(
           f"non-finite loss or gradient at step {self.checked_step + 1}-{self.step} (train.nonfinite='stop'; "
           f"non-finite steps change nothing, so the state is finite); the state is saved in "
@@ -372,7 +398,7 @@ class Trainer:
           "or set train.nonfinite='skip' to skip such steps.")
     if stop.reason == "spikes":
       self._save(None)  # spikes change nothing either: the state is the one before them
-      self.mngr.wait_until_finished()
+      self._wait_for_saves()
       t = self.config.train
       raise errors.Diverged(
           f"{t.spike_max_in_row} loss spikes in a row by step {self.step} (loss or gradient norm above "
@@ -381,14 +407,15 @@ class Trainer:
           "the data at these steps, or raise train.spike_skip / train.spike_max_in_row, then rerun to resume.")
     if stop.reason and self.mngr.latest_step() != self.step:
       self._save(None)
-      self.mngr.wait_until_finished()
+      self._wait_for_saves()
       log("stopped by %s at step %d: checkpoint %s/%d saved; now the final evaluation (a second signal skips it)",
           stop.reason, self.step, self.mngr.directory, self.step)
     evaluation, final_eval = self._final_evaluation(stop)
     if self.mngr.latest_step() != self.step:
       self._save(evaluation or None)
-    self.mngr.wait_until_finished()
-    extra, samples = self.job.finish(self.state, self.step) if evaluation else ({}, [])
+    self._wait_for_saves()
+    with self.time.timing("evaluations"):  # the task's report, the samples
+      extra, samples = self.job.finish(self.state, self.step) if evaluation else ({}, [])
     steps_run = self.step - self.first_step
     # Tokens per step as run: the full windows of pretraining, the padded rows of fine-tuning (on average).
     tokens_per_step = (self.throughput.run_tokens / steps_run if steps_run else
@@ -398,7 +425,7 @@ class Trainer:
         wall_seconds=time.time() - start_time, step_seconds=np.diff(self.throughput.finished),
         tokens_per_step=tokens_per_step, flops_per_sec_at_peak=self.throughput.peak_flops / self.job.flops_per_token,
         train_loss=self.train_loss, checkpoint=f"{self.mngr.directory}/{self.step}", stopped_by=stop.reason,
-        final_evaluation=final_eval, **evaluation, **extra)
+        final_evaluation=final_eval, time=self.time.save(), **evaluation, **extra)
     log_summary(summary, self.workdir, evaluation)
     if stop.reason:
       log("stopped by %s at step %d of %d; the checkpoint %s/%d resumes it: rerun the same command.", stop.reason,
@@ -411,7 +438,7 @@ class Trainer:
   def _final_evaluation(self, stop: StopFlag) -> tuple[dict, str]:
     """(metrics, 'done') of the final evaluation, or ({}, why it was skipped) when a signal interrupted it."""
     try:
-      with stop.interruptible():
+      with stop.interruptible(), self._timed("evaluations"):
         return self._evaluate(final=True), "done"
     except Interrupted as e:
       log("final evaluation skipped: %s", e)
@@ -458,3 +485,5 @@ def log_summary(summary: dict, workdir: str, evaluation=()) -> None:
   else:
     evaluated = ", ".join(f"{k} {fmt(s[k])}" for k in evaluation)
   log("loss: train %s | %s | checkpoint %s | summary %s", fmt(s["train_loss"]), evaluated, s["checkpoint"], path)
+  if "time" in s:
+    log("%s", goodput.describe(s["time"]))

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -57,10 +58,23 @@ def test_sigkill_and_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_pa
   killed.wait()
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and saved[-1] < steps, saved  # killed mid-run, after some checkpoints
+  reached = max(_losses(tmp_path / "run"))
   resumed = subprocess.run(_command(tmp_path / "run", corpus, steps), cwd=ROOT, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from" in resumed.stdout
   assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")  # bitwise: same floats, every step
+  # Where the hours went: both runs, and the steps between the checkpoint and the step the killed run reached.
+  time_split = json.loads((tmp_path / "run" / "summary.json").read_text())["time"]
+  run, runs = time_split["this_run"], time_split["all_runs"]
+  assert run["start_step"] == saved[-1] and run["reached_step"] == steps
+  assert run["recomputed_steps"] == runs["recomputed_steps"] == reached - saved[-1] and runs["runs"] == 2
+  assert run["seconds"]["compile"] > 0 and run["seconds"]["steps"] > run["recomputed_seconds"] >= 0
+  np.testing.assert_allclose(sum(run["seconds"].values()), run["wall_seconds"], rtol=1e-6)
+  assert runs["wall_seconds"] > run["wall_seconds"] and 0 < run["goodput"] < 1
+  productive = run["seconds"]["steps"] - run["recomputed_seconds"]
+  np.testing.assert_allclose(run["goodput"], productive / run["wall_seconds"])
+  assert re.search(r"time: \S+ = startup .* \| goodput \d+% \(2 runs of this workdir: \S+, goodput \d+%\)",
+                   resumed.stdout)
 
 
 @pytest.mark.slow

@@ -86,7 +86,8 @@ def test_a_loss_spike_is_skipped_and_the_run_equals_one_that_never_saw_it(condit
   config = tiny_config(spike_skip=3.0, spike_window=4, spike_max_in_row=2)
   graphdef, state, shardings, mesh, tx = build(config)
   # A batch carries a factor on its loss: 100 makes a bad batch whose loss and gradients are 100 times the others'.
-  objective = lambda params, frozen, batch, key: train.loss_fn(params, graphdef, batch["tokens"], key) * batch["scale"][0]
+  objective = lambda params, frozen, batch, key: (train.loss_fn(params, graphdef, batch["tokens"], key) *
+                                                  batch["scale"][0])
   step = train.make_train_step(graphdef, tx, config, shardings, mesh, objective)
   placement = sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 2, 1)
   batch = lambda seed, scale=1.0: {"tokens": sharding.global_batch(random_tokens((1, 8, 17), seed=seed), placement, 1),

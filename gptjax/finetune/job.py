@@ -134,8 +134,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
                           sharding.process_rows(mesh, config.mesh.rules, t.batch_size, accum))
   return Job(config=config, model_cfg=run_cfg, graphdef=graphdef, tokenizer=tokenizer, tx=tx, abstract=abstract,
              # Donated: full fine-tuning's step 0 takes over the loaded base instead of copying it.
-             shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx, window), out_shardings=shardings,
-                                                             donate_argnums=0)(trainable),
+             shardings=shardings, init_state=lambda: jax.jit(lambda p: train.new_state(p, tx, window),
+                                                             out_shardings=shardings, donate_argnums=0)(trainable),
              batches=batches, evaluate=evaluate, finish=finish,
              tokens=lambda batch: int(batch["tokens"].size) * jax.process_count(), steps=config.train.steps,
              flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),
