@@ -141,6 +141,9 @@ def default_config() -> ml_collections.ConfigDict:
   t.spike_skip = 0.0
   t.spike_window = 100
   t.spike_max_in_row = 10
+  # The random bits of dropout masks: 'threefry' (JAX's default, counter-based), 'rbg' or 'unsafe_rbg' (XLA's
+  # RngBitGenerator: cheaper; the same masks on any mesh and after a resume, not the same masks as threefry).
+  t.dropout_rng = "threefry"
   # PaLM's z-loss: z_loss * log(Z)^2 added to the loss per token (softmax normaliser Z of the LM head, or of a
   # task's classes), keeping logits from drifting; 0 = off (PaLM: 1e-4).
   t.z_loss = 0.0
@@ -307,6 +310,8 @@ def validate(config, n_devices: int) -> None:
   if t.spike_skip and (t.spike_skip <= 1 or t.spike_window < 1 or t.spike_max_in_row < 1):
     raise ConfigError(f"train.spike_skip={t.spike_skip}, spike_window={t.spike_window}, spike_max_in_row="
                       f"{t.spike_max_in_row}: spike_skip is a factor above 1 (0 = off; e.g. 3), the others >= 1.")
+  if t.dropout_rng not in ("threefry", "rbg", "unsafe_rbg"):
+    raise ConfigError(f"train.dropout_rng={t.dropout_rng!r}: use 'threefry', 'rbg' or 'unsafe_rbg'.")
   if t.spike_skip < 0 or t.z_loss < 0:
     raise ConfigError(f"train.spike_skip={t.spike_skip}, train.z_loss={t.z_loss}: use 0 (off) or a positive value.")
   if config.checkpoint.keep <= 0 or config.checkpoint.keep_best < 0:

@@ -21,6 +21,8 @@ from gptjax.model import GPT, GPTConfig
 # {'step', 'skipped' (non-finite updates skipped): int32; 'params': pure dict; 'opt_state'; with train.spike_skip
 # also 'spikes' (see `new_spike_history`)}
 TrainState = dict
+# train.dropout_rng -> JAX's PRNG implementation of the dropout masks' keys.
+DROPOUT_RNG = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
 def new_state(params, tx, spike_window: int = 0) -> TrainState:
@@ -174,7 +176,7 @@ def make_train_step(graphdef, tx, config, shardings, mesh: Mesh, objective=None,
   e.g. a base under LoRA adapters): jit(train_step)(state, batch, frozen).
   """
   t = config.train
-  seed_key = jax.random.key(t.seed)
+  seed_key = jax.random.key(t.seed, impl=DROPOUT_RNG[t.get("dropout_rng", "threefry")])
   use_dropout = config.model.dropout > 0 if use_dropout is None else use_dropout
   schedule = lr_schedule(config)
   objective = objective or (lambda params, frozen, tokens_BT1, key: loss_fn(params, graphdef, tokens_BT1, key,

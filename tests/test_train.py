@@ -110,3 +110,20 @@ def test_a_loss_spike_is_skipped_and_the_run_equals_one_that_never_saw_it(condit
   jax.tree.map(np.testing.assert_array_equal, state_after["params"], run([(i, 1.0) for i in range(5)])[0]["params"])
   # Before the window is full nothing is a spike.
   assert int(run([(0, 1.0), (9, 100.0)])[1]["spike_skipped_steps"]) == 0
+
+
+@pytest.mark.devices(8)
+def test_dropout_rng_draws_other_masks_the_same_on_any_mesh():
+  losses = {}
+  for rng in ("threefry", "rbg"):
+    for mesh in ((1, 1, 1), (2, 2, 2)):
+      config = tiny_config(mesh=mesh, dropout_rng=rng)
+      config.model.dropout = 0.5
+      graphdef, state, shardings, mesh_, tx = build(config)
+      step = train.make_train_step(graphdef, tx, config, shardings, mesh_)
+      placement = sharding.batch_sharding(mesh_, config_lib.DEFAULT_RULES, 3, 1)
+      _, metrics = step(state, sharding.global_batch(random_tokens((1, 8, 17)), placement, batch_dim=1))
+      losses[rng, mesh] = float(metrics["train_loss"])
+  for rng in ("threefry", "rbg"):
+    np.testing.assert_allclose(losses[rng, (2, 2, 2)], losses[rng, (1, 1, 1)], rtol=1e-5)
+  assert abs(losses["rbg", (1, 1, 1)] - losses["threefry", (1, 1, 1)]) > 1e-4  # other masks (float noise: 1e-6)
