@@ -71,6 +71,10 @@ def test_gpt2_default_and_unknown_size():
     (lambda c: c.model.update(row_groups=0), "model.row_groups=0 must be positive"),
     (lambda c: c.data.update(tokenizer="wordpiece"), "data.tokenizer='wordpiece'"),
     (lambda c: c.train.update(steps=0), "train.steps=0"),
+    (lambda c: c.train.update(spike_skip=0.5), "spike_skip is a factor above 1"),
+    (lambda c: c.train.update(spike_skip=3.0, spike_window=0), "spike_window=0"),
+    (lambda c: c.train.update(z_loss=-1e-4), "train.z_loss=-0.0001: use 0 (off) or a positive value"),
+    (lambda c: c.train.update(dropout_rng="philox"), "train.dropout_rng='philox'"),
 ])
 def test_validation_errors(change, message):
   config = tiny_config(mesh=(-1, 1, 1))

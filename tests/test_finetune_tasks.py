@@ -345,6 +345,10 @@ def test_bad_task_configs_are_rejected(tmp_path):
   with pytest.raises(ValueError, match=r"task.pool='max': use one of \('last', 'mean'\)"):
     tasks.validate(c, 1)
   c.task.pool = "last"
+  c.train.z_loss = 1e-4
+  with pytest.raises(ValueError, match=r"a CRF head \(task.crf=True\) normalises over whole tag sequences"):
+    tasks.validate(c, 1)
+  c.train.z_loss = 0.0
   c.task.kind = "qa"
   with pytest.raises(ValueError, match="task.kind='qa'"):
     tasks.validate(c, 1)
