@@ -233,21 +233,16 @@ def _saved_tree(state_dir: str):
 def _check_structure(where: str, saved, abstract_state) -> None:
   """ConfigError naming the first parameter, or else optimizer state entry, whose shape in the saved state differs
   from the config's (or that is missing there); nothing when they all match."""
-  mismatch = train.first_shape_mismatch(saved.get("params", {}), abstract_state["params"])
-  if mismatch:
-    name, there, here = mismatch
-    raise config_lib.ConfigError(
-        f"checkpoint {where} holds a model of another shape than this config's: parameter {name} is "
-        f"{there or 'missing'} there and {here} here. Use the model settings it was trained with to resume it, or a "
-        "new --workdir for this model.")
-  mismatch = train.first_shape_mismatch(saved.get("opt_state", {}), abstract_state["opt_state"])
-  if mismatch:
-    name, there, here = mismatch
-    raise config_lib.ConfigError(
-        f"checkpoint {where} holds an optimizer state of another form than this config's: opt_state{name} is "
-        f"{'missing' if there is None else there} there and {here} here (the optimizer settings changed, e.g. "
-        "train.grad_clip on or off, or LoRA/AdaLoRA settings). Use the settings it was trained with to resume it, or "
-        "a new --workdir.")
+  for key, what, fix in (("params", "a model of another shape", "model settings"),
+                         ("opt_state", "an optimizer state of another form", "optimizer settings (e.g. "
+                          "train.grad_clip on or off, LoRA/AdaLoRA settings)")):
+    mismatch = train.first_shape_mismatch(saved.get(key, {}), abstract_state[key])
+    if mismatch:
+      name, there, here = mismatch
+      raise config_lib.ConfigError(
+          f"checkpoint {where} holds {what} than this config's: {key}{name} is "
+          f"{'missing' if there is None else there} there and {here} here. Use the {fix} it was trained with to "
+          "resume it, or a new --workdir.")
 
 
 @dataclasses.dataclass

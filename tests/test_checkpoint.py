@@ -116,7 +116,7 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path, corpus):
   other = quick_run_config(corpus, steps=6)
   other.model.n_embd = 64
   with pytest.raises(config_lib.ConfigError, match=r"checkpoints/4 holds a model of another shape than this "
-                                                   r"config's: parameter .* is \(1, 32\) there and \(1, 64\) here"):
+                                                   r"config's: params.* is \(1, 32\) there and \(1, 64\) here"):
     loop.run(other, str(tmp_path))
   assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["4"]  # not set aside as "corrupt"
 
