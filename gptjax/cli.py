@@ -6,7 +6,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gptjax import errors, paths
+from gptjax import errors, paths, tpu
 
 
 def define_config_flags(workdir_help: str):
@@ -54,9 +54,12 @@ def workdir(workdir_flag) -> str:
 
 
 def quiet_libraries() -> None:
-  """Orbax logs every save at INFO, which absl shows by default under app.run; --verbosity=0 brings it back."""
+  """Orbax logs every save at INFO, which absl shows by default under app.run; --verbosity=0 brings it back. On a
+  machine without a TPU, libtpu (the dev and tpu extras) is told so before JAX starts, instead of logging errors."""
   if not any(arg.split("=")[0] in ("--verbosity", "-v", "--v") for arg in sys.argv[1:]):
     logging.set_verbosity(logging.WARNING)
+  if not tpu.attached():
+    tpu.quiet_libtpu()
 
 
 def run(main) -> None:

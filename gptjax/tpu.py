@@ -9,6 +9,7 @@ config's steps (tests/test_tpu_compile.py).
 
 import dataclasses
 import functools
+import glob
 import importlib.util
 import math
 import os
@@ -92,6 +93,21 @@ def available() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
+def attached() -> bool:
+  """Whether this machine has TPU chips (their device files: /dev/accel* up to v5e, /dev/vfio on v5p and v6e)."""
+  return bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
+
+
+def quiet_libtpu() -> None:
+  """Where no TPU is attached (compile-only devices, a CPU or GPU machine with libtpu installed), libtpu would look
+  for the TPU VM's metadata server and workers when JAX starts, and log errors and a trace for each: this tells it
+  there is none to look for. Compiling claims no chip, so several processes (pytest-xdist workers) may load it."""
+  for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-1"),
+                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
+                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(name, value)
+
+
 def libtpu_version() -> str:
   """The installed libtpu's version, for reports."""
   from importlib import metadata
@@ -104,12 +120,7 @@ def devices(slice_or_type):
   if not available():
     raise UserError(f"--tpu={slice_.accelerator} compiles with the TPU compiler, which is not installed: {EXTRA} "
                     "(libtpu; it compiles for TPUs on a machine without one).")
-  # Without a TPU attached libtpu would look for the TPU VM's metadata server and workers and log errors for each;
-  # compiling claims no chip, so several processes (pytest-xdist workers) may load it at once.
-  for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-1"),
-                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
-                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(name, value)
+  quiet_libtpu()
   return _topology_devices(slice_.topology, slice_.chips_per_host, slice_.chip.counts_cores)
 
 
