@@ -480,8 +480,9 @@ def log_summary(summary: dict, workdir: str, evaluation=()) -> None:
   log("done: step %d (%d this run, %s tokens seen) in %s | %s | %s", s["step"], s["steps_run"],
       metrics.format_count(s["tokens_seen"]), metrics.format_duration(s["wall_seconds"]), speed, memory)
   if "val_batches" in s:
-    evaluated = (f"val {fmt(s['val_loss'])} ({s['val_batches']} batches), {fmt(s['final_val_loss'])} "
-                 f"({s['final_val_batches']} batches)")
+    evaluated = f"val {fmt(s['val_loss'])} ({s['val_batches']} batches)"
+    if s["final_val_batches"] != s["val_batches"]:  # the final evaluation's own, larger one
+      evaluated += f", {fmt(s['final_val_loss'])} ({s['final_val_batches']} batches)"
   else:
     evaluated = ", ".join(f"{k} {fmt(s[k])}" for k in evaluation)
   log("loss: train %s | %s | checkpoint %s | summary %s", fmt(s["train_loss"]), evaluated, s["checkpoint"], path)

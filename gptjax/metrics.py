@@ -12,13 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gptjax import paths
+from gptjax import paths, tpu
 
-# Dense bf16 peak FLOP/s per chip by device kind (vendor figures, no sparsity).
-_PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-}
+# Dense bf16 peak FLOP/s of NVIDIA GPUs by a part of their device kind (vendor figures, no sparsity); TPU chips
+# have theirs in gptjax.tpu.CHIPS.
+_GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
@@ -37,7 +35,10 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
 def peak_flops_per_device() -> tuple[float, str]:
   """(peak FLOP/s of one device, where the figure comes from): vendor peak on TPU/GPU, measured on CPU."""
   kind = jax.devices()[0].device_kind
-  for name, flops in _PEAK_FLOPS.items():
+  chip = tpu.chip_of(kind)
+  if chip is not None:
+    return chip.bf16_flops, f"{kind} bf16 peak"
+  for name, flops in _GPU_PEAK_FLOPS.items():
     if name.lower() in kind.lower():
       return flops, f"{kind} bf16 peak"
   return measure_matmul_flops(), f"{kind} measured fp32 matmul"
@@ -192,6 +193,3 @@ class StepProfiler:
       self.tracing = False
       logging.info("profile of steps %d..%d written to %s", *self.steps, self.directory)
 
-
-def median(values) -> float:
-  return float(np.median(np.asarray(values)))

@@ -29,14 +29,18 @@ class Chip:
   topology_prefix: str  # libtpu's name for the generation in a topology string, e.g. 'v5e:2x4'
   mesh_dims: int  # 2-D (v5e, v6e) or 3-D torus (v4, v5p)
   counts_cores: bool  # the accelerator type counts TensorCores (2 per chip, one megacore device per chip)
+  device_kinds: tuple[str, ...]  # jax.Device.device_kind on the chip
 
 
 GIB = 2**30
 CHIPS = {  # documented HBM: v4 32 GiB, v5e 16 GB, v5p 95 GB, v6e 32 GB
-    "v4": Chip("v4", 275e12, int(30.75 * GIB), 1.2e12, "v4", 3, counts_cores=True),
-    "v5e": Chip("v5e", 197e12, int(15.75 * GIB), 819e9, "v5e", 2, counts_cores=False),
-    "v5p": Chip("v5p", 459e12, int(95.74 * GIB), 2.765e12, "v5", 3, counts_cores=True),
-    "v6e": Chip("v6e", 918e12, int(31.25 * GIB), 1.64e12, "v6e", 2, counts_cores=False),
+    "v4": Chip("v4", 275e12, int(30.75 * GIB), 1.2e12, "v4", 3, counts_cores=True, device_kinds=("TPU v4",)),
+    "v5e": Chip("v5e", 197e12, int(15.75 * GIB), 819e9, "v5e", 2, counts_cores=False,
+                device_kinds=("TPU v5 lite", "TPU v5e")),
+    "v5p": Chip("v5p", 459e12, int(95.74 * GIB), 2.765e12, "v5", 3, counts_cores=True,
+                device_kinds=("TPU v5p", "TPU v5")),
+    "v6e": Chip("v6e", 918e12, int(31.25 * GIB), 1.64e12, "v6e", 2, counts_cores=False,
+                device_kinds=("TPU v6 lite", "TPU v6e")),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}  # gcloud's names for the same chips
 EXTRA = 'pip install -e ".[tpu]" -c constraints.txt'
@@ -86,6 +90,12 @@ def _torus_shape(chips: int, dims: int) -> tuple[int, ...]:
     shape[axis] *= 2
     axis = (axis - 1) % 3 if math.prod(shape) > 8 else axis
   return tuple(shape)
+
+
+def chip_of(device_kind: str) -> Chip | None:
+  """The chip a JAX device of this kind is, or None (not a TPU this table knows)."""
+  return next((chip for chip in CHIPS.values() if device_kind.lower() in (k.lower() for k in chip.device_kinds)),
+              None)
 
 
 def available() -> bool:
