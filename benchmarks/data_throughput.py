@@ -38,7 +38,7 @@ _BATCHES = (8, 512)
 
 def pipeline_rate(path: str, batch: int, num_workers: int, seconds: float) -> float:
   """Tokens/s (batch x seq per batch) that train_batches delivers, after its first batch."""
-  it = data.train_batches(path, _SEQ, batch, seed=0, shard_index=0, shard_count=1, num_workers=num_workers)
+  it = data.train_batches(path, _SEQ, batch, seed=0, num_workers=num_workers)
   next(it)
   count, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:

@@ -242,7 +242,7 @@ def test_nanogpt_files_are_read_in_place(tmp_path, gpt2_dir):
   with open(prepared.train_path) as f:
     (shard,) = json.load(f)["shards"]
   assert shard["path"] == str(tmp_path / "owt" / "train.bin")  # read where it is, not copied
-  batch = next(data.train_batches(prepared.train_path, 32, 4, seed=0, shard_index=0, shard_count=1))
+  batch = next(data.train_batches(prepared.train_path, 32, 4, seed=0))
   runs = np.lib.stride_tricks.sliding_window_view(train, 33)
   for row in batch:  # every row is a contiguous run of the file
     assert (runs == row).all(axis=1).any()
