@@ -15,7 +15,7 @@ kernel 'auto' picked does not compile on the device.
 
 Decoding attends new queries to a KV cache laid out [Z, S, H] with batch and heads flattened (Z = B*N): the
 batched dots then read the cache as it is stored. With [B, N, S, H], XLA:CPU reshapes between the in-place
-cache update and the dot and so copies the whole cache for every token (measured 2.4x slower at S=1024).
+cache update and the dot and so copies the whole cache for every token (benchmarks/RESULTS.md, decoding).
 """
 
 import functools

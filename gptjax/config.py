@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Activation/matmul dtype: 'float32' (CPU) or 'bfloat16' (TPU/GPU). Master weights are always float32.
   m.dtype = "float32"
   # Attention kernel: 'xla' or 'cudnn' (NVIDIA GPUs, bf16/fp16) for jax.nn.dot_product_attention;
-  # 'causal_blocks' (XLA, skips fully masked key blocks: 1.6x faster GPT-2 small steps at context 1024 on CPU);
+  # 'causal_blocks' (XLA, skips fully masked key blocks: the fastest on CPU at long contexts, benchmarks/RESULTS.md);
   # 'pallas' (TPU: the Pallas splash-attention kernel; on CPU it runs in Pallas interpret mode, for tests only);
   # 'auto' = pallas on TPUs, cudnn on GPUs in half precision, else causal_blocks; a run whose device cannot compile
   # that fused kernel for its shapes warns once and uses 'xla'.
@@ -64,8 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.remat = "none"
   # Run the batch's rows through the blocks as this many independent groups (row b in group b % row_groups): the
   # groups share no operation until the LM head, so XLA:CPU runs them on its cores at once. For models whose
-  # operations are too small to use every core on their own (the baby GPT on a 2-core CPU: 3 groups, 1.12x faster
-  # steps; GPT-2 small: slower). 1 = off; a batch that row_groups does not divide uses their greatest common divisor.
+  # operations are too small to use every core on their own (the baby GPT on a 2-core CPU, not GPT-2 small:
+  # benchmarks/RESULTS.md). 1 = off; a batch that row_groups does not divide uses their greatest common divisor.
   m.row_groups = 1
 
   c.data = d = ml_collections.ConfigDict()

@@ -137,7 +137,7 @@ def _rows(fn, x_BT_: jax.Array) -> jax.Array:
 
   Projections take rows so that a kernel's gradient is a matmul contracting one axis (M), not two (B, T): for the
   two-axis one XLA:CPU's layout assignment first transposes the activation's cotangent (a strided copy as long as
-  the matmul). Baby GPT train step 62 -> 50 ms (GPT-2 small unchanged). Merging leading axes is free on every
+  the matmul; benchmarks/RESULTS.md has the baby GPT's step before and after). Merging leading axes is free on every
   backend and keeps a split over the batch.
   """
   B, T = x_BT_.shape[:2]
