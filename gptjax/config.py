@@ -51,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.ln_eps = 1e-5
   # Activation/matmul dtype: 'float32' (CPU) or 'bfloat16' (TPU/GPU). Master weights are always float32.
   m.dtype = "float32"
-  # Attention kernel: 'xla' or 'cudnn' (NVIDIA GPUs, bf16/fp16) for jax.nn.dot_product_attention;
+  # Attention kernel (the table: gptjax.attention.KERNELS): 'xla' or 'cudnn' (NVIDIA GPUs, bf16/fp16) for
+  # jax.nn.dot_product_attention;
   # 'causal_blocks' (XLA, skips fully masked key blocks: the fastest on CPU at long contexts, benchmarks/RESULTS.md);
   # 'pallas' (TPU: the Pallas splash-attention kernel; on CPU it runs in Pallas interpret mode, for tests only);
   # 'auto' = pallas on TPUs, cudnn on GPUs in half precision, else causal_blocks; a run whose device cannot compile
@@ -270,9 +271,11 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1).")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
-  if m.attention not in ("auto", "xla", "cudnn", "causal_blocks", "pallas"):
-    raise ConfigError(f"model.attention={m.attention!r}: use 'auto', 'xla', 'cudnn' (NVIDIA GPU), "
-                      "'causal_blocks' or 'pallas' (TPU).")
+  from gptjax import attention  # pylint: disable=import-outside-toplevel  # it imports this module
+  if m.attention not in ("auto", *attention.KERNELS):
+    raise ConfigError(f"model.attention={m.attention!r}: use 'auto' or one of " + ", ".join(
+        f"'{name}' ({k.description}{', ' + ' or '.join(k.only_on) if k.only_on else ''})"
+        for name, k in attention.KERNELS.items()) + ".")
   if m.remat not in ("none", "full", "dots", "qkv_fc"):
     raise ConfigError(f"model.remat={m.remat!r}: use 'none', 'full', 'dots' or 'qkv_fc'.")
   if m.row_groups <= 0:

@@ -173,11 +173,8 @@ def lower(step, platform: str, *args) -> jax.export.Exported:
 def attention_as_lowered(exported: jax.export.Exported) -> str:
   """Which attention kernel a lowered program holds, read from its custom calls."""
   text = exported.mlir_module()
-  if "tpu_custom_call" in text:
-    return "pallas splash (Mosaic tpu_custom_call)"
-  if "__cudnn$fmha" in text:
-    return "cudnn (cuDNN fused-attention custom call)"
-  return "XLA ops (no fused-attention custom call)"
+  return next((k.lowered_as for k in attention.KERNELS.values() if k.custom_call and k.custom_call in text),
+              "XLA ops (no fused-attention custom call)")
 
 
 def check_lowering(config, devices, platform: str) -> dict:
