@@ -36,9 +36,8 @@ def variant_config(base, rng):
 
 def make_step(config, vocab, mesh):
   model_cfg = GPTConfig.from_config(config.model, vocab)
-  tx = train.make_optimizer(config)
-  graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
-  return train.make_train_step(graphdef, tx, config, shardings, mesh), state
+  built = train.build_step(config, model_cfg, mesh)
+  return built.step, train.init_state(config, model_cfg, mesh, built.tx)[1]
 
 
 def tpu_cost(config, tpu: str) -> dict:

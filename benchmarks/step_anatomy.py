@@ -162,9 +162,8 @@ def main(argv):
                                                           else config.data.vocab_size))
   model_cfg = GPTConfig.from_config(config.model, vocab)
   mesh = sharding.make_mesh(config)
-  tx = train.make_optimizer(config)
-  graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
-  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  built = train.build_step(config, model_cfg, mesh)
+  step, state = built.step, train.init_state(config, model_cfg, mesh, built.tx)[1]
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, vocab, (1, batch, seq + 1)), jnp.int32)
   compiled = step.lower(state, tokens).compile()
   holder = [state]

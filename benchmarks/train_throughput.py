@@ -32,9 +32,8 @@ _PEER = flags.DEFINE_bool("peer", False, "Also time transformers' GPT2LMHeadMode
 def time_ours(config, vocab, batch, seq, steps):
   model_cfg = GPTConfig.from_config(config.model, vocab)
   mesh = sharding.make_mesh(config)
-  tx = train.make_optimizer(config)
-  graphdef, state, shardings = train.init_state(config, model_cfg, mesh, tx)
-  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
+  built = train.build_step(config, model_cfg, mesh)
+  step, state = built.step, train.init_state(config, model_cfg, mesh, built.tx)[1]
   tokens = np.random.RandomState(0).randint(0, vocab, (1, batch, seq + 1)).astype(np.int32)
   tokens = sharding.global_batch(tokens, sharding.batch_sharding(mesh, config_lib.DEFAULT_RULES, 3, 1), batch_dim=1)
   holder = [state]

@@ -132,8 +132,8 @@ def analyze(config, devices) -> dict:
   from gptjax.model import count_params, flops_per_token
   mesh = sharding.make_mesh(config, devices)
   model_cfg = _model_config(config, mesh)
-  tx = train.make_optimizer(config)
-  graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
+  built = train.build_step(config, model_cfg, mesh)
+  abstract, shardings = built.abstract, built.shardings
   batch = abstract_batch(config, mesh)
   accum, micro = batch.shape[0], batch.shape[1] // (config_lib.data_parallel_degree(config, mesh.size))
   n_params = count_params(abstract["params"], exclude_position=True)
@@ -144,9 +144,8 @@ def analyze(config, devices) -> dict:
       optimizer_bytes=_per_device_bytes(abstract["opt_state"], shardings["opt_state"]),
       model_flops_per_step=flops_per_token(model_cfg, n_params, model_cfg.block_size) * config.train.batch_size *
       model_cfg.block_size)
-  step = train.make_train_step(graphdef, tx, config, shardings, mesh)
   try:
-    compiled = step.lower(abstract, batch).compile()
+    compiled = built.step.lower(abstract, batch).compile()
   except Exception as e:  # pylint: disable=broad-except  # only an out-of-memory verdict is an answer here
     if not out_of_memory(e):
       raise
@@ -196,11 +195,10 @@ def check_lowering(config, devices, platform: str) -> dict:
       kernel = "xla"
     report["attention"] += f" -> {kernel}"
     model_cfg = dataclasses.replace(model_cfg, attention=kernel, platform=platform)
-    tx = train.make_optimizer(config)
-    graphdef, abstract, shardings = train.abstract_state(config, model_cfg, mesh, tx)
-    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    exported = lower(train.make_train_step(graphdef, tx, config, shardings, mesh), platform, placed,
-                     abstract_batch(config, mesh))
+    built = train.build_step(config, model_cfg, mesh)
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), built.abstract,
+                          built.shardings)
+    exported = lower(built.step, platform, placed, abstract_batch(config, mesh))
   except Exception as e:  # the point is to report whatever the lowering raises
     return dict(report, ok=False, error=f"{type(e).__name__}: {e}")
   return dict(report, ok=True, lowered=attention_as_lowered(exported))
@@ -262,16 +260,14 @@ def micro_step_program(config, mesh, micro: int, n_layer: int):
   small = config.copy_and_resolve_references()
   small.model.update(n_layer=n_layer, scan_layers=False)
   small.train.update(batch_size=micro * config_lib.data_parallel_degree(config, mesh.size), micro_batch_size=0)
-  tx = train.make_optimizer(small)
-  graphdef, abstract, shardings = train.abstract_state(small, _model_config(small, mesh), mesh, tx)
-  step = train.make_train_step(graphdef, tx, small, shardings, mesh)
-  return step.lower(abstract, abstract_batch(small, mesh)).compile()
+  built = train.build_step(small, _model_config(small, mesh), mesh)
+  return built.step.lower(built.abstract, abstract_batch(small, mesh)).compile()
 
 
 def update_program(config, mesh):
   """The optimizer update alone at full depth (parameters, moments and gradients in, updated state out)."""
-  tx = train.make_optimizer(config)
-  _, abstract, shardings = train.abstract_state(config, _model_config(config, mesh), mesh, tx)
+  built = train.build_step(config, _model_config(config, mesh), mesh)
+  tx, abstract, shardings = built.tx, built.abstract, built.shardings
 
   def update(params, opt_state, grads):
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -346,10 +342,10 @@ def plan_tpu(config, slice_, anatomy: bool = False) -> dict:
     return dict(report, **analyze(config, devices), searched_micro_batch=False, fits=False, state_exceeds_chip=True,
                 fsdp_needed=needed)
   if config.train.micro_batch_size == -1:
-    tx = train.make_optimizer(config)
-    graphdef, abstract, shardings = train.abstract_state(config, _model_config(config, mesh), mesh, tx)
+    built = train.build_step(config, _model_config(config, mesh), mesh)
     try:
-      config.train.micro_batch_size = fit_micro_batch(config, graphdef, abstract, shardings, mesh, tx, hbm)
+      config.train.micro_batch_size = fit_micro_batch(config, built.graphdef, built.abstract, built.shardings, mesh,
+                                                      built.tx, hbm)
     except config_lib.ConfigError:
       config.train.micro_batch_size = 1  # reported below as not fitting, with the remat variants that would
   plan = dict(report, **analyze(config, devices))

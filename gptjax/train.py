@@ -5,6 +5,7 @@ state; the NNX module is only rebuilt inside the trace (`nnx.merge`), which is ~
 `nnx.jit` (measured when the design was chosen).
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -90,6 +91,25 @@ def abstract_state(config, model_cfg: GPTConfig, mesh: Mesh, tx: optax.GradientT
   window = spike_window(config)
   return graphdef, jax.eval_shape(lambda p: new_state(p, tx, window), abstract_params), state_shardings(
       tx, abstract_params, param_shardings, mesh, window)
+
+
+@dataclasses.dataclass
+class BuiltStep:
+  """A config's train step on a mesh and what it runs on: the optimizer, the model's graph, the train state
+  (abstract, nothing allocated) and its shardings."""
+  tx: optax.GradientTransformation
+  graphdef: nnx.GraphDef
+  abstract: dict
+  shardings: dict
+  step: Any  # jit(train_step)(state, batch) -> (state, metrics)
+
+
+def build_step(config, model_cfg: GPTConfig, mesh: Mesh) -> BuiltStep:
+  """The next-token train step of `config` on `mesh`: what runs, plans and benchmarks compile (a fine-tuning job
+  builds its own objective on `make_train_step`)."""
+  tx = make_optimizer(config)
+  graphdef, abstract, shardings = abstract_state(config, model_cfg, mesh, tx)
+  return BuiltStep(tx, graphdef, abstract, shardings, make_train_step(graphdef, tx, config, shardings, mesh))
 
 
 def state_shardings(tx, abstract_params, param_shardings, mesh: Mesh, spike_window: int = 0) -> dict:
