@@ -31,8 +31,6 @@ from gptjax import config as config_lib, errors, generate, quantize, sharding
 
 # The harness's default for generate_until requests that name no max_gen_toks (its HF backend's).
 MAX_GEN_TOKS = 256
-# The shortest padded length of a scored row.
-MIN_BUCKET = 16
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "mesh", "rules"))
@@ -49,16 +47,6 @@ def _score(params, inputs_BT, positions_BC, targets_BC, scored_BC, graphdef, voc
   if mesh is not None:  # the kernels and activation constraints read the mesh and rules, as in training
     logits = sharding.under_mesh(logits, mesh, rules)
   return _sum_scored(logits(inputs_BT)[..., :vocab].astype(jnp.float32), targets_BC, scored_BC, mesh)
-
-
-def length_bucket(n: int, cap: int) -> int:
-  """The padded length of n tokens: the next of 16 x 2^(k/4) rounded up to a multiple of 16 (16, 32, 48, 64, 80,
-  96, 112, 128, 160, ..., 256, 304, 368, 432, 512, ...), at most cap: under a fifth of a row is padding, in at most
-  four compiled shapes per doubling of the length."""
-  k = 0
-  while (size := -(-round(MIN_BUCKET * 2 ** (k / 4)) // 16) * 16) < n:
-    k += 1
-  return min(size, cap)
 
 
 def row_bucket(n: int, rows: int, degree: int) -> int:
@@ -171,8 +159,8 @@ class GptjaxLM(TemplateLM):
       G = max(degree, self.rows // K // degree * degree)
       batch, groups = groups[-G:], groups[:-G]
       G = row_bucket(len(batch), G, degree)
-      context_len = length_bucket(max(len(pairs[m[0]][0]) for m in batch), self.max_length)
-      ending_len = length_bucket(max(len(pairs[i][1]) for m in batch for i in m), self.max_length)
+      context_len = generate.bucket(max(len(pairs[m[0]][0]) for m in batch), self.max_length, 4)
+      ending_len = generate.bucket(max(len(pairs[i][1]) for m in batch for i in m), self.max_length, 4)
       contexts_GC = np.zeros((G, context_len), np.int32)
       pad_G = np.full(G, context_len - 1, np.int32)  # filler groups: one token of context
       endings_GKE = np.zeros((G, K, ending_len), np.int32)
@@ -201,8 +189,8 @@ class GptjaxLM(TemplateLM):
     for start in range(0, len(order), self.rows):
       batch = order[start:start + self.rows]
       B = row_bucket(len(batch), self.rows, self._degree())
-      length = length_bucket(max(len(rows[i][0]) - 1 for i in batch), self.max_length)
-      scored = length_bucket(max(min(rows[i][1], len(rows[i][0]) - 1) for i in batch), length)
+      length = generate.bucket(max(len(rows[i][0]) - 1 for i in batch), self.max_length, 4)
+      scored = generate.bucket(max(min(rows[i][1], len(rows[i][0]) - 1) for i in batch), length, 4)
       inputs_BT = np.zeros((B, length), np.int32)
       positions_BC = np.zeros((B, scored), np.int32)
       targets_BC = np.zeros((B, scored), np.int32)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gptjax import config as config_lib, sharding, train
+from gptjax import config as config_lib, generate, sharding, train
 from gptjax.finetune import adalora, lora
 
 
@@ -81,11 +81,9 @@ def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None, mesh=N
 TOKEN_KEYS = ("tokens", "labels", "targets")
 
 
-def bucket_length(lengths_B: np.ndarray, max_len: int, minimum: int = 16) -> int:
-  """The smallest power of two (>= minimum, <= max_len) that holds the batch's longest row: few compiled shapes,
-  little padding."""
-  longest = int(lengths_B.max())
-  return min(max_len, max(minimum, 1 << max(longest - 1, 0).bit_length()))
+def bucket_length(lengths_B: np.ndarray, max_len: int) -> int:
+  """The length a batch is cut to: the bucket (`generate.bucket`, a power of two) of its longest row."""
+  return generate.bucket(int(lengths_B.max()), max_len)
 
 
 def bucket_lengths(max_len: int) -> list[int]:
