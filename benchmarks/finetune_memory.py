@@ -70,7 +70,7 @@ def main():
   rows, result = [], {"size": args.size, "rank": args.rank, "remat": args.remat, "shapes": {}}
   for batch, seq in dict.fromkeys([(args.batch, args.seq), (1, 1024)]):
     shape = result["shapes"][f"{batch}x{seq}"] = {}
-    for name, lora_cfg in [("full", None), ("lora", trainer.LoraConfig(rank=args.rank))]:
+    for name, lora_cfg in [("full", None), ("lora", lora.LoraConfig(rank=args.rank))]:
       m = shape[name] = measure(config, graphdef, params, head, lora_cfg, model_cfg, batch, seq, args.repeats)
       rows.append((f"{batch}x{seq} {name}", f"step {m['step_seconds']:.3f} s | trainable "
                    f"{m['trainable_parameters']:,} | state {m['state_mib']:.0f} MiB, frozen {m['frozen_mib']:.0f} "

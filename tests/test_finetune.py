@@ -49,7 +49,7 @@ def _setup(lora_cfg, learning_rate=3e-3):
 
 
 def test_lora_step_changes_only_adapters_and_head():
-  lora_cfg = trainer.LoraConfig(rank=4, alpha=8.0)
+  lora_cfg = lora.LoraConfig(rank=4, alpha=8.0)
   graphdef, params, state, frozen, step = _setup(lora_cfg)
   base_before = jax.tree.map(np.array, params)
   head_before, a_before = np.array(state["params"]["head"]["kernel"]), jax.tree.map(np.array, state["params"])
@@ -71,7 +71,7 @@ def test_lora_step_changes_only_adapters_and_head():
       np.testing.assert_array_equal(leaf, before)
 
 
-@pytest.mark.parametrize("lora_cfg", [None, trainer.LoraConfig(rank=4, alpha=16.0)], ids=["full", "lora"])
+@pytest.mark.parametrize("lora_cfg", [None, lora.LoraConfig(rank=4, alpha=16.0)], ids=["full", "lora"])
 def test_tiny_classifier_learns_a_separable_task(lora_cfg, tmp_path):
   # lr 1e-2 oscillated with LoRA under --xla_cpu_max_isa=AVX2 (64/64 -> 59/64 -> 64/64); 3e-3 converges everywhere.
   graphdef, _, state, frozen, step = _setup(lora_cfg, learning_rate=3e-3)

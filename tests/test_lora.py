@@ -17,7 +17,7 @@ ALL = ("qkv", "out", "fc", "proj")
 def _adapted(scan_layers, method="lora", rank=4, alpha=8.0, targets=ALL):
   """(graphdef of the adapted model, base params, adapters) over tiny_gpt's base."""
   graphdef, params = tiny_gpt(scan_layers)
-  cfg = trainer.LoraConfig(rank=rank, alpha=alpha, targets=targets, method=method).model(nnx.merge(graphdef,
+  cfg = lora.LoraConfig(rank=rank, alpha=alpha, targets=targets, method=method).model(nnx.merge(graphdef,
                                                                                                    params).cfg)
   adapted_graphdef = nnx.split(nnx.eval_shape(lambda: GPT(cfg, nnx.Rngs(0))))[0]
   return adapted_graphdef, params, lora.init_adapters(cfg, jax.random.key(1))

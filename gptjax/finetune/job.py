@@ -45,7 +45,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   tasks.check_schedule(config, config.train.steps)
   # train.eval_every: the task's metrics every N steps; 0 = after every epoch.
   config.train.eval_every = t.eval_every or steps_per_epoch
-  lora_cfg = store.lora_config(config)
+  lora_cfg = lora.LoraConfig.of(config.lora)
   # Loaded on resumes too: the frozen part, or the shapes of the trained one.
   base, base_record = _load_base(config, workdir, mesh, frozen=lora_cfg is not None, resuming=resuming)
   # The model is the base's; the compute dtype, the attention kernel and remat are this run's speed/memory choices

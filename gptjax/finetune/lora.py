@@ -12,6 +12,7 @@ import dataclasses
 import jax
 from flax import nnx
 
+from gptjax.config import ConfigError
 from gptjax.model import low_rank_update
 
 # Target name -> (the adapter's key, the path of its kernel from the same module). Einsum kernels (qkv [D, 3, N, H],
@@ -25,6 +26,60 @@ TARGETS = {
     "proj": ("proj_adapter", ("proj", "kernel")),
 }
 METHODS = ("lora", "adalora")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """The adapters' method ('lora' or 'adalora'), rank r, scale numerator alpha (updates are scaled by alpha / r)
+  and target projections."""
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("qkv", "out", "fc", "proj")
+  method: str = "lora"
+
+  def model(self, model_cfg):
+    """The model config with these adapters in its forward pass."""
+    return with_adapters(model_cfg, self.method, self.rank, self.alpha, self.targets)
+
+  @classmethod
+  def of(cls, lo) -> "LoraConfig | None":
+    """The adapters a config's `lora` section asks for; None for full fine-tuning (rank 0)."""
+    if lo.rank == 0:
+      return None
+    return cls(rank=lo.rank, alpha=lo.alpha, targets=parse_targets(lo.targets), method=lo.get("method", "lora"))
+
+
+def parse_targets(targets: str) -> tuple[str, ...]:
+  """'qkv, out' -> ('qkv', 'out')."""
+  return tuple(name.strip() for name in targets.split(",") if name.strip())
+
+
+def validate(lo) -> None:
+  """ConfigErrors naming the `lora` section's field and the fix (AdaLoRA's phases against the run's steps are
+  checked once the steps are known: `tasks.check_schedule`)."""
+  if lo.rank < 0:
+    raise ConfigError(f"lora.rank={lo.rank}: use 0 (full fine-tuning) or a positive rank.")
+  if lo.method not in METHODS:
+    raise ConfigError(f"lora.method={lo.method!r}: use one of {METHODS}.")
+  if lo.rank == 0:
+    return
+  targets = parse_targets(lo.targets)
+  unknown = [name for name in targets if name not in TARGETS]
+  if unknown or not targets:
+    raise ConfigError(f"lora.targets={lo.targets!r}: {unknown or 'no target'} not among {list(TARGETS)}; "
+                      "give a comma-separated list of them, e.g. 'qkv,out,fc,proj'.")
+  if lo.alpha <= 0:
+    raise ConfigError(f"lora.alpha={lo.alpha} must be positive (updates are scaled by alpha / rank).")
+  if lo.method == "adalora":
+    if not 0 < lo.target_r <= lo.rank:
+      raise ConfigError(f"lora.target_r={lo.target_r} must be in 1..lora.rank={lo.rank} (AdaLoRA prunes from rank "
+                        "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
+    if lo.tinit < 0 or lo.tfinal < 0 or lo.deltaT < 1:
+      raise ConfigError(f"lora.tinit={lo.tinit}, lora.tfinal={lo.tfinal}, lora.deltaT={lo.deltaT}: need tinit >= 0, "
+                        "tfinal >= 0 (steps) and deltaT >= 1 (steps between rank allocations).")
+    for name in ("beta1", "beta2"):
+      if not 0 <= lo[name] < 1:
+        raise ConfigError(f"lora.{name}={lo[name]} must be in [0, 1) (an EMA rate).")
 
 
 def check(targets, rank: int, method: str = "lora") -> None:

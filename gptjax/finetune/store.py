@@ -34,18 +34,9 @@ class FineTuned:
   graphdef: nnx.GraphDef
   trainable: dict
   frozen: dict
-  lora_cfg: trainer.LoraConfig | None
+  lora_cfg: lora.LoraConfig | None
   tokenizer: object
   step: int
-
-
-def lora_config(config) -> trainer.LoraConfig | None:
-  """The LoraConfig of a config's `lora` section; None for full fine-tuning (rank 0)."""
-  if config.lora.rank == 0:
-    return None
-  targets = tuple(t.strip() for t in config.lora.targets.split(",") if t.strip())
-  return trainer.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=targets,
-                            method=config.lora.get("method", "lora"))
 
 
 def base_record(path: str, base: checkpoint.LoadedModel) -> dict:
@@ -110,7 +101,7 @@ def load(path: str, mesh=None, base: str | None = None) -> FineTuned:
   config.update(meta["config"])
   base_config = ml_collections.ConfigDict(meta["base_config"])
   tokenizer = checkpoint.tokenizer_from_files(meta["tokenizer"])
-  lora_cfg = lora_config(config)
+  lora_cfg = lora.LoraConfig.of(config.lora)
   model_cfg, _, params_target = checkpoint.inference_target(
       base_config, config_lib.check_vocab(base_config, tokenizer.vocab_size), mesh)
   # Head and adapters replicated on the mesh inference_target placed the params on.

@@ -136,7 +136,7 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError("checkpoint.init_from is empty: fine-tuning needs a base model (a run's workdir, an export "
                       "or 'hf:<GPT-2 dir or name>').")
   _validate_model_section(config)
-  _validate_lora(config.lora)
+  lora.validate(config.lora)
   if t.label_subword not in ("first", "last"):
     raise ConfigError(f"task.label_subword={t.label_subword!r}: use 'last' (causal models) or 'first'.")
   if t.pool not in classify.POOLS:
@@ -173,32 +173,6 @@ def _validate_model_section(config) -> None:
                "the base's (checkpoint.init_from); fine-tune another base to change it")
     raise ConfigError(f"model.{name}={value!r}: fine-tuning does not use it (its model is the base's, with only "
                       f"model.{', model.'.join(RUN_MODEL_FIELDS)} chosen by the run); it uses {instead}.")
-
-
-def _validate_lora(lo) -> None:
-  if lo.rank < 0:
-    raise ConfigError(f"lora.rank={lo.rank}: use 0 (full fine-tuning) or a positive rank.")
-  if lo.method not in lora.METHODS:
-    raise ConfigError(f"lora.method={lo.method!r}: use one of {lora.METHODS}.")
-  if lo.rank == 0:
-    return
-  targets = [name.strip() for name in lo.targets.split(",") if name.strip()]
-  unknown = [name for name in targets if name not in lora.TARGETS]
-  if unknown or not targets:
-    raise ConfigError(f"lora.targets={lo.targets!r}: {unknown or 'no target'} not among {list(lora.TARGETS)}; "
-                      "give a comma-separated list of them, e.g. 'qkv,out,fc,proj'.")
-  if lo.alpha <= 0:
-    raise ConfigError(f"lora.alpha={lo.alpha} must be positive (updates are scaled by alpha / rank).")
-  if lo.method == "adalora":
-    if not 0 < lo.target_r <= lo.rank:
-      raise ConfigError(f"lora.target_r={lo.target_r} must be in 1..lora.rank={lo.rank} (AdaLoRA prunes from rank "
-                        "down to target_r); set lora.rank > 0, e.g. 12, and target_r <= it.")
-    if lo.tinit < 0 or lo.tfinal < 0 or lo.deltaT < 1:
-      raise ConfigError(f"lora.tinit={lo.tinit}, lora.tfinal={lo.tfinal}, lora.deltaT={lo.deltaT}: need tinit >= 0, "
-                        "tfinal >= 0 (steps) and deltaT >= 1 (steps between rank allocations).")
-    for name in ("beta1", "beta2"):
-      if not 0 <= lo[name] < 1:
-        raise ConfigError(f"lora.{name}={lo[name]} must be in [0, 1) (an EMA rate).")
 
 
 def check_schedule(config, steps: int) -> None:

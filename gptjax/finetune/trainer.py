@@ -7,7 +7,6 @@ moments for them.
 A task supplies `task_loss(model, head, batch, dropout_key) -> (mean loss, predictions)`, e.g. `classify.loss`.
 """
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -17,21 +16,7 @@ from gptjax import config as config_lib, generate, sharding, train
 from gptjax.finetune import adalora, lora
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """The adapters' method ('lora' or 'adalora'), rank r, scale numerator alpha (updates are scaled by alpha / r)
-  and target projections."""
-  rank: int = 8
-  alpha: float = 16.0
-  targets: tuple[str, ...] = ("qkv", "out", "fc", "proj")
-  method: str = "lora"
-
-  def model(self, model_cfg):
-    """The model config with these adapters in its forward pass."""
-    return lora.with_adapters(model_cfg, self.method, self.rank, self.alpha, self.targets)
-
-
-def split_trainable(params, head: dict, lora_cfg: LoraConfig | None, key: jax.Array,
+def split_trainable(params, head: dict, lora_cfg: lora.LoraConfig | None, key: jax.Array,
                     model_cfg=None) -> tuple[dict, dict]:
   """(trainable, frozen): full fine-tuning trains {'base', 'head'}; LoRA trains {'lora', 'head'} (the adapters of
   `lora_cfg.model(model_cfg)`) and freezes 'base'."""
@@ -40,14 +25,14 @@ def split_trainable(params, head: dict, lora_cfg: LoraConfig | None, key: jax.Ar
   return {"lora": lora.init_adapters(lora_cfg.model(model_cfg), key), "head": head}, {"base": params}
 
 
-def model_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None):
+def model_params(trainable: dict, frozen: dict, lora_cfg: lora.LoraConfig | None):
   """The params the model runs with: the trained base, or the frozen base with the adapters beside its kernels."""
   if lora_cfg is None:
     return trainable["base"]
   return lora.combine(frozen["base"], trainable["lora"])
 
 
-def merged_params(trainable: dict, frozen: dict, lora_cfg: LoraConfig | None):
+def merged_params(trainable: dict, frozen: dict, lora_cfg: lora.LoraConfig | None):
   """Plain GPT params (adapters folded into the kernels), for exports and decoding."""
   params = model_params(trainable, frozen, lora_cfg)
   return params if lora_cfg is None else lora.merge(params, lora_cfg.alpha / lora_cfg.rank)
@@ -58,7 +43,7 @@ def _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg, dropo
   return task_loss(model, trainable["head"], batch, dropout_key)
 
 
-def objective(graphdef, task_loss, lora_cfg: LoraConfig | None, orth_reg_weight: float = 0.0):
+def objective(graphdef, task_loss, lora_cfg: lora.LoraConfig | None, orth_reg_weight: float = 0.0):
   """What fine-tuning minimises, (trainable, frozen, batch, dropout_key) -> loss: the task's loss, plus AdaLoRA's
   orthogonality regulariser on its P and Q (peft's orth_reg_weight)."""
   def loss(trainable, frozen, batch, dropout_key):
@@ -69,7 +54,7 @@ def objective(graphdef, task_loss, lora_cfg: LoraConfig | None, orth_reg_weight:
   return loss
 
 
-def make_predict(graphdef, task_loss, lora_cfg: LoraConfig | None = None, mesh=None,
+def make_predict(graphdef, task_loss, lora_cfg: lora.LoraConfig | None = None, mesh=None,
                  rules=config_lib.DEFAULT_RULES):
   """jit(predict)(trainable, frozen, batch) -> the task's predictions, without dropout."""
   predict = lambda trainable, frozen, batch: _task_outputs(trainable, frozen, batch, graphdef, task_loss, lora_cfg,
@@ -119,7 +104,7 @@ def predict_all(predict, trainable: dict, frozen: dict, arrays: dict, keys, batc
   return np.stack(outputs)
 
 
-def one_device_step(config, graphdef, tx, state: dict, frozen: dict, task_loss, lora_cfg: LoraConfig | None):
+def one_device_step(config, graphdef, tx, state: dict, frozen: dict, task_loss, lora_cfg: lora.LoraConfig | None):
   """The loop's jitted train step for a task on one device, everything replicated: for benchmarks and tests that
   time or inspect one task's step. Called as step(state, batch [1, B, ...], frozen) ('frozen' only if not empty)."""
   mesh = sharding.make_mesh(config, jax.devices()[:1])
