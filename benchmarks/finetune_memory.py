@@ -17,7 +17,7 @@ from flax import nnx
 
 from common import median, report, time_calls
 from gptjax import config as config_lib, train
-from gptjax.finetune import classify, lora, trainer
+from gptjax.finetune import classify, lora, tuning
 from gptjax.model import GPT, GPTConfig
 
 
@@ -28,11 +28,11 @@ def mib(tree) -> float:
 def measure(config, graphdef, params, head, lora_cfg, model_cfg, batch: int, seq: int, repeats: int) -> dict:
   """Memory and median step seconds of the loop's train step for one method at one shape."""
   tx = train.make_optimizer(config)
-  trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(0), model_cfg)
+  trainable, frozen = tuning.split_trainable(params, head, lora_cfg, jax.random.key(0), model_cfg)
   if lora_cfg is not None:
     graphdef = nnx.split(nnx.eval_shape(lambda: GPT(lora_cfg.model(model_cfg), nnx.Rngs(0))))[0]
   state = train.new_state(jax.tree.map(jnp.copy, trainable), tx)  # the step donates it; `params` serve both runs
-  step = trainer.one_device_step(config, graphdef, tx, state, frozen, classify.loss, lora_cfg)
+  step = tuning.one_device_step(config, graphdef, tx, state, frozen, classify.loss, lora_cfg)
   rng = np.random.default_rng(0)
   data = {"tokens": rng.integers(0, model_cfg.vocab_size, (1, batch, seq), dtype=np.int32),
           "lengths": np.full((1, batch), seq, np.int32), "labels": rng.integers(0, 2, (1, batch), dtype=np.int32)}

@@ -97,7 +97,7 @@ def language_model(workdir: str, step: int | None = None, mesh=None):
   """(params, graphdef, tokenizer, step) of any model that writes text: a run, an export, 'hf:NAME', or an SFT
   fine-tuning run (its adapters folded in); a classification or NER model is refused."""
   from gptjax import checkpoint, loader, paths  # pylint: disable=import-outside-toplevel
-  from gptjax.finetune import store, trainer  # pylint: disable=import-outside-toplevel
+  from gptjax.finetune import store, tuning  # pylint: disable=import-outside-toplevel
   from gptjax.hf import HF_PREFIX  # pylint: disable=import-outside-toplevel
   if not workdir.startswith(HF_PREFIX) and paths.is_file(paths.join(workdir, "finetuned", store.TASK_FILE)):
     tuned = store.load(workdir, mesh)
@@ -106,7 +106,7 @@ def language_model(workdir: str, step: int | None = None, mesh=None):
                       "text. Evaluate it on its task's data with --data, or pass the model it was fine-tuned from.")
     vocab = config_lib.check_vocab(tuned.base_config, tuned.tokenizer.vocab_size)
     _, graphdef, _ = checkpoint.inference_target(tuned.base_config, vocab, mesh)
-    params = trainer.merged_params(tuned.trainable, tuned.frozen, tuned.lora_cfg)
+    params = tuning.merged_params(tuned.trainable, tuned.frozen, tuned.lora_cfg)
     return params, graphdef, tuned.tokenizer, tuned.step
   loaded = loader.load_model(workdir, mesh, step)
   return loaded.params, loaded.graphdef, loaded.tokenizer, loaded.step

@@ -11,7 +11,7 @@ from flax import nnx
 
 from gptjax.data.tokenizer import CharTokenizer
 from gptjax import config as config_lib, train
-from gptjax.finetune import classify, lora, tasks, trainer
+from gptjax.finetune import classify, lora, tasks, tuning
 from gptjax.model import GPT
 from tests.helpers import tiny_classification_config, tiny_config, tiny_gpt
 
@@ -36,14 +36,14 @@ def _setup(lora_cfg, learning_rate=3e-3):
   params = jax.tree.map(jnp.copy, params)  # full fine-tuning donates them, and tiny_gpt's are cached
   head = classify.init_head(D, C, jax.random.key(5))
   model_cfg = nnx.merge(graphdef, params).cfg
-  trainable, frozen = trainer.split_trainable(params, head, lora_cfg, jax.random.key(6), model_cfg)
+  trainable, frozen = tuning.split_trainable(params, head, lora_cfg, jax.random.key(6), model_cfg)
   if lora_cfg is not None:  # the model with the adapters in its forward pass
     graphdef = nnx.split(nnx.eval_shape(lambda: GPT(lora_cfg.model(model_cfg), nnx.Rngs(0))))[0]
   config = tiny_config(learning_rate=learning_rate, min_learning_rate=learning_rate, warmup_steps=0, steps=100,
                        weight_decay=0.0)
   tx = train.make_optimizer(config)
   state = train.new_state(trainable, tx)
-  step = trainer.one_device_step(config, graphdef, tx, state, frozen, classify.loss, lora_cfg)
+  step = tuning.one_device_step(config, graphdef, tx, state, frozen, classify.loss, lora_cfg)
   run = lambda state, batch: step(state, jax.tree.map(lambda x: x[None], batch), *([frozen] if frozen else []))
   return graphdef, params, state, frozen, run
 
@@ -76,12 +76,12 @@ def test_tiny_classifier_learns_a_separable_task(lora_cfg, tmp_path):
   # lr 1e-2 oscillated with LoRA under --xla_cpu_max_isa=AVX2 (64/64 -> 59/64 -> 64/64); 3e-3 converges everywhere.
   graphdef, _, state, frozen, step = _setup(lora_cfg, learning_rate=3e-3)
   data = _separable_task()
-  predict = trainer.make_predict(graphdef, classify.loss, lora_cfg)
+  predict = tuning.make_predict(graphdef, classify.loss, lora_cfg)
   assert (np.asarray(predict(state["params"], frozen, data)) != data["labels"]).any()
   for _ in range(100):  # 100% from step ~50 on AMD EPYC (AVX-512 and AVX2, fast math or not)
     state, out = step(state, data)
   examples = [classify.Example(f"row {i}", str(y), f"synthetic:{i}") for i, y in enumerate(data["labels"])]
-  predictions = trainer.predict_all(predict, state["params"], frozen, data, ("tokens", "lengths", "labels"),
+  predictions = tuning.predict_all(predict, state["params"], frozen, data, ("tokens", "lengths", "labels"),
                                     batch_size=24)
   report, rows = tasks.make_task(tasks.add_task_config(config_lib.default_config(), "classify").task).report(
       examples, ["0", "1"], data, predictions, {})

@@ -16,7 +16,7 @@ from helpers import task_config, tiny_config
 from gptjax import checkpoint, evaluate, loader, loop
 from gptjax.data import DataError
 from gptjax.data.tokenizer import CharTokenizer
-from gptjax.finetune import job as finetune_job, ner, sft, store, tasks, trainer
+from gptjax.finetune import job as finetune_job, ner, sft, store, tasks, tuning
 from gptjax.model import GPT, GPTConfig
 
 WORDS = ["Paris", "London", "the", "went", "to", "Jim", "Mary", "cat", "big", "saw", "."]
@@ -273,7 +273,7 @@ def test_ner_run_learns_saves_and_reloads(tmp_path, rank, mesh, method):
   tokens = ner.encode(tok, ner.read_conll(str(tmp_path / "dev.txt")), report["labels"], 64)["tokens"][:4]
   hidden = lambda graphdef, params: np.asarray(nnx.merge(graphdef, params)(tokens))
   np.testing.assert_allclose(hidden(merged.graphdef, merged.params),
-                             hidden(tuned.graphdef, trainer.model_params(tuned.trainable, tuned.frozen,
+                             hidden(tuned.graphdef, tuning.model_params(tuned.trainable, tuned.frozen,
                                                                          tuned.lora_cfg)), atol=1e-5)
   if rank:  # adapters only fit the tokenizer (and base) they were trained with
     other = _base_model(tmp_path / "other", _char_tokenizer("abc"))
@@ -308,7 +308,7 @@ def test_sft_and_classification_runs(tmp_path):
   tokens = np.asarray([tok.encode("### User:\nParis")], np.int32)
   logits = lambda model: np.asarray(model.logits(model(tokens)))
   np.testing.assert_allclose(logits(nnx.merge(graphdef, params)), logits(nnx.merge(
-      tuned.graphdef, trainer.model_params(tuned.trainable, tuned.frozen, tuned.lora_cfg))), atol=1e-4)
+      tuned.graphdef, tuning.model_params(tuned.trainable, tuned.frozen, tuned.lora_cfg))), atol=1e-4)
   assert lm_tok.fingerprint == tok.fingerprint and step == tuned.step
 
   (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(
@@ -382,7 +382,7 @@ def test_length_grouped_batches_cover_each_epoch_and_resume():
     spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches[start:start + 4])
     assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:]))
   plain = take(finetune_job.train_batches(arrays, ("tokens", "lengths", "labels"), 4, seed=3), 16)
-  padded = lambda bs: sum(trainer.bucket_length(lengths[b], 256) for b in bs)
+  padded = lambda bs: sum(tuning.bucket_length(lengths[b], 256) for b in bs)
   assert padded(batches[:16]) < padded(plain)
   it = finetune_job.train_batches(arrays, ("tokens", "lengths", "labels"), 4, seed=3, group=4)
   take(it, 5)

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from gptjax import checkpoint, config as config_lib, generate, loader, metrics, paths, sharding, train
 from gptjax.data.pipeline import BatchStream
-from gptjax.finetune import adalora, lora, sft, store, tasks, trainer
+from gptjax.finetune import adalora, lora, sft, store, tasks, tuning
 from gptjax.job import Job, log
 from gptjax.model import count_params, describe_execution, flops_per_token
 
@@ -59,7 +59,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
                                  f"{model_cfg.block_size}; lower it (0 = block_size).")
   # 'auto' attention resolved once for this device and every batch length: a fused kernel that does not compile
   # falls back to 'xla'.
-  model_cfg = model_cfg.for_device(mesh, trainer.bucket_lengths(max_len), config.mesh.rules)
+  model_cfg = model_cfg.for_device(mesh, tuning.bucket_lengths(max_len), config.mesh.rules)
 
   labels = task.label_vocab(train_examples)
   train_data = task.encode(tokenizer, train_examples, labels, max_len)
@@ -72,7 +72,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
 
   init_key, adapter_key = jax.random.split(jax.random.key(t.seed))
   head = task.init_head(model_cfg.n_embd, len(labels), init_key, train_data)
-  trainable, frozen = trainer.split_trainable(base.params, head, lora_cfg, adapter_key, model_cfg)
+  trainable, frozen = tuning.split_trainable(base.params, head, lora_cfg, adapter_key, model_cfg)
   # The head and adapters are small: replicated on the mesh (the base keeps its sharding).
   replicated = sharding.replicated(mesh)
   trainable = {k: v if k == "base" else jax.device_put(v, replicated) for k, v in trainable.items()}
@@ -85,7 +85,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh, window)
   abstract = jax.eval_shape(lambda p: train.new_state(p, tx, window), abstract_params)
 
-  predict = trainer.make_predict(store.graphdef_of(run_cfg), task.loss, lora_cfg, mesh, config.mesh.rules)
+  predict = tuning.make_predict(store.graphdef_of(run_cfg), task.loss, lora_cfg, mesh, config.mesh.rules)
   final_rows = []
 
   def evaluate(params, final: bool) -> dict:
@@ -97,7 +97,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
 
   def finish(state, step: int) -> tuple[dict, list[str]]:
     report, rows = final_rows
-    params = trainer.merged_params(state["params"], frozen, lora_cfg)
+    params = tuning.merged_params(state["params"], frozen, lora_cfg)
     if config.task.kind == "sft" and config.task.generate:
       prompts = [sft.prompt_text(c.turns[:-1]) for c in eval_examples[:config.task.generate]]
       responses = generate.generate_text(params, store.graphdef_of(model_cfg), tokenizer, prompts,
@@ -141,8 +141,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
              flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),
              description=description, frozen=frozen or None,
              language_model=(None if config.task.kind != "sft" else lambda params: (
-                 trainer.merged_params(params, frozen, lora_cfg), store.graphdef_of(model_cfg))),
-             objective=trainer.objective(graphdef, functools.partial(task.loss, z_loss=t.z_loss), lora_cfg,
+                 tuning.merged_params(params, frozen, lora_cfg), store.graphdef_of(model_cfg))),
+             objective=tuning.objective(graphdef, functools.partial(task.loss, z_loss=t.z_loss), lora_cfg,
                                          config.lora.orth_reg_weight),
              frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
              use_dropout=dropout > 0)
@@ -197,7 +197,7 @@ def train_batches(arrays: dict, keys, batch_size: int, seed: int, group: int = 1
     return by_length[np.random.default_rng([seed, d]).permutation(group)]
   ds = draws if group == 1 else grain.MapDataset.range(n).repeat().map_with_index(
       lambda i, _: draw_batches(i // group)[i % group])
-  ds = ds.map(lambda batch_rows: {k: v[rows] for k, v in trainer.take(arrays, batch_rows, keys).items()})
+  ds = ds.map(lambda batch_rows: {k: v[rows] for k, v in tuning.take(arrays, batch_rows, keys).items()})
 
   def open_at(start: int):
     if start % batch_size:
@@ -218,7 +218,7 @@ def score(task: tasks.Task, predict, trainable, frozen, examples, data: dict, la
     # Global row order is process 0's rows, then process 1's: back to the batch's order.
     order = lambda n: np.concatenate([np.arange(n)[p::count] for p in range(count)])
     gather = lambda out: _unshuffle(np.asarray(multihost_utils.process_allgather(out, tiled=True)), order)
-  predictions = trainer.predict_all(predict, trainable, frozen, data, task.batch_keys, batch_size, place,
+  predictions = tuning.predict_all(predict, trainable, frozen, data, task.batch_keys, batch_size, place,
                                     task.token_predictions, gather)
   # The head is replicated: every process holds all of it.
   head = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), trainable["head"])
@@ -238,7 +238,7 @@ def evaluate_file(path: str, data_path: str, out_dir: str, base: str | None = No
   examples = task.read(data_path)
   max_len = tuned.config.task.max_len or tuned.base_config.model.block_size
   data = task.encode(tuned.tokenizer, examples, tuned.labels, max_len)
-  predict = trainer.make_predict(tuned.graphdef, task.loss, tuned.lora_cfg)
+  predict = tuning.make_predict(tuned.graphdef, task.loss, tuned.lora_cfg)
   report, rows = score(task, predict, tuned.trainable, tuned.frozen, examples, data, tuned.labels,
                        tuned.config.task.eval_batch_size)
   tasks.write_report(out_dir, report, rows)

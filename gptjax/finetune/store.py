@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, loader, paths, sharding
-from gptjax.finetune import lora, tasks, trainer
+from gptjax.finetune import lora, tasks, tuning
 from gptjax.model import GPT, GPTConfig
 
 TASK_FILE = "task.json"
@@ -27,7 +27,7 @@ TASK_FILE = "task.json"
 
 @dataclasses.dataclass
 class FineTuned:
-  """Everything needed to run a fine-tuned model: `trainer.make_predict(graphdef, task.loss, lora_cfg)`."""
+  """Everything needed to run a fine-tuned model: `tuning.make_predict(graphdef, task.loss, lora_cfg)`."""
   config: ml_collections.ConfigDict  # the fine-tuning config (task, lora, train sections)
   base_config: ml_collections.ConfigDict
   labels: list[str]

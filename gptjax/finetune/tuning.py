@@ -7,7 +7,6 @@ moments for them.
 A task supplies `task_loss(model, head, batch, dropout_key) -> (mean loss, predictions)`, e.g. `classify.loss`.
 """
 
-
 import jax
 import numpy as np
 from flax import nnx
