@@ -1,7 +1,7 @@
 """nanoGPT's CPU "baby GPT" recipe, whole command against whole command, in one run on this machine.
 
   git clone https://github.com/karpathy/nanoGPT /tmp/nanogpt      # supplied by you; nothing of it is in our tree
-  python benchmarks/baby_gpt_vs_nanogpt.py --nanogpt=/tmp/nanogpt --data=../shared/data/tinyshakespeare.txt
+  python -m benchmarks.baby_gpt_vs_nanogpt --nanogpt=/tmp/nanogpt --data=../shared/data/tinyshakespeare.txt
 
 Runs, alternating `--repeats` times: nanoGPT's README command (`train.py config/train_shakespeare_char.py
 --device=cpu --compile=False --eval_iters=20 ... --max_iters=2000`, from a temporary copy of the clone whose
@@ -20,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import median, report
 

@@ -3,7 +3,7 @@ text that never repeats, for this tree and optionally another one (--before), an
 tokenizer on the same text, all run alternately.
 
   mkdir /tmp/before && git archive <rev> | tar -x -C /tmp/before
-  python benchmarks/bpe_prepare.py --before=/tmp/before --repeats=3
+  python -m benchmarks.bpe_prepare --before=/tmp/before --repeats=3
 
 The corpus: tinyshakespeare and the CoNLL-2003 and SST-2 sentences of ../shared/data, Python's docs (the built-in
 corpus), then the source files of the stdlib and of site-packages in order, up to --megabytes, in files of ~5 MB.
@@ -20,8 +20,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

@@ -1,6 +1,6 @@
 """How long the training loop blocks on a checkpoint save, and the checkpoint's size on disk.
 
-  python benchmarks/checkpoint_save.py --config=configs/gpt2_small.py
+  python -m benchmarks.checkpoint_save --config=configs/gpt2_small.py
 
 Saves the full train state (params + AdamW moments) of the config's model with the run's CheckpointManager:
 async (the loop's setting: blocked only while arrays are copied to host memory) and sync, then restores it.
@@ -8,11 +8,8 @@ async (the loop's setting: blocked only while arrays are copied to host memory) 
 
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 from absl import app, flags

@@ -1,7 +1,7 @@
 """Data throughput: prepare (MB/s of text tokenised into shards) and the training pipeline (tokens/s of batches),
 compared with what the train step consumes.
 
-  python benchmarks/data_throughput.py --megabytes=50 --train_tokens_per_sec=330
+  python -m benchmarks.data_throughput --megabytes=50 --train_tokens_per_sec=330
 
 The corpus is ../shared/data/tinyshakespeare.txt repeated into files of ~5 MB in a temporary directory. The
 tokenizer is trained first (timed apart), so that prepare's rate is that of reading, encoding with one worker
@@ -11,11 +11,8 @@ bottleneck (the default 330 tokens/s is GPT-2 small's train step at 8 x 128 on a
 """
 
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 

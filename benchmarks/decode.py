@@ -1,8 +1,8 @@
 """Decoding speed (tokens/s) of `gptjax.generate` for the GPT-2 small shape, greedy, after a short prompt.
 
-  python benchmarks/decode.py --peer [--batches=1,8 --new_tokens=100 --weights=float32,bfloat16,int8]
-  python benchmarks/decode.py --batches=1 --profile=10   (+ the thunks of a decode step, the 10 costliest)
-  python benchmarks/decode.py --quality_workdir=runs/task_pretrain --quality_data=held_out.txt   (+ quality)
+  python -m benchmarks.decode --peer [--batches=1,8 --new_tokens=100 --weights=float32,bfloat16,int8]
+  python -m benchmarks.decode --batches=1 --profile=10   (+ the thunks of a decode step, the 10 costliest)
+  python -m benchmarks.decode --quality_workdir=runs/task_pretrain --quality_data=held_out.txt   (+ quality)
 
 For each batch size: our KV-cache decoder (random weights; one prefill, then one jitted while_loop), our own
 full-recompute baseline (one jitted fori_loop that runs the whole static-length buffer through the model for
@@ -18,10 +18,6 @@ continuations of the --quality_data documents' first tokens against float32's, a
 """
 
 import functools
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """What dropout costs a train step, per random-bit generator: CPU step time side by side, and the TPU compiler's
 bytes and FLOPs of the same step.
 
-  python benchmarks/dropout_cost.py --config=configs/task_pretrain.py --steps=10 [--tpu=v5e-1]
+  python -m benchmarks.dropout_cost --config=configs/task_pretrain.py --steps=10 [--tpu=v5e-1]
 
 Variants: no dropout; dropout with train.dropout_rng = threefry (JAX's default), rbg, unsafe_rbg. The timed steps
 alternate between the variants (round robin) so a machine's drift hits them alike; medians are printed.

@@ -1,6 +1,6 @@
 """Full fine-tuning vs LoRA on a GPT-2 size: step time and compiled memory, side by side in one run.
 
-  python benchmarks/finetune_memory.py --size=small --batch=8 --seq=256 --rank=8 [--remat=full]
+  python -m benchmarks.finetune_memory --size=small --batch=8 --seq=256 --rank=8 [--remat=full]
 
 For each shape (--batch x --seq, and 1 x 1024) and each method: the median wall time of a classification step
 (head on the last token, float32, LoRA r on every attention and MLP kernel), and per-device MiB of the trainable
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common import median, report, time_calls
+from benchmarks.common import median, report, time_calls
 from gptjax import config as config_lib, train
 from gptjax.finetune import classify, lora, tuning
 from gptjax.model import GPT, GPTConfig

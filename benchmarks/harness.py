@@ -1,6 +1,6 @@
 """lm-evaluation-harness requests per second: gptjax's LM (`gptjax.harness`) against the harness's own `hf` backend.
 
-  python benchmarks/harness.py [--choice_docs=60 --rolling_docs=100 --generate_docs=100 --batch_size=16]
+  python -m benchmarks.harness [--choice_docs=60 --rolling_docs=100 --generate_docs=100 --batch_size=16]
 
 The same GPT-2 small-shaped model (random weights, 124M parameters, context 1024, float32) as a transformers
 directory, scored by both backends on the same three local tasks: multiple choice (HellaSwag's shape: a context of
@@ -15,11 +15,8 @@ there, else from a synthetic vocabulary; the tokenizer is a byte-level BPE train
 
 import json
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from absl import app, flags

@@ -1,6 +1,6 @@
 """An SST-2 dev set that does not leak: held-out full sentences, none of whose phrases is left in training.
 
-  python benchmarks/sst2_honest_split.py --data=../shared/data/sst2 --out=runs/sst2_honest
+  python -m benchmarks.sst2_honest_split --data=../shared/data/sst2 --out=runs/sst2_honest
 
 SST-2's training rows are phrases of the treebank's sentences, and a random tenth of them (../shared/data's
 dev.tsv) mostly reappears inside other training rows: a model can score it by remembering. This script pools

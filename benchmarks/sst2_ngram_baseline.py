@@ -1,6 +1,6 @@
 """How far SST-2's own training rows go without pretraining: a Naive Bayes classifier on word n-grams.
 
-  python benchmarks/sst2_ngram_baseline.py --data=runs/sst2_honest
+  python -m benchmarks.sst2_ngram_baseline --data=runs/sst2_honest
 
 Trains on <data>/train.tsv (or fit.tsv with --train=fit.tsv) and scores val.tsv and dev.tsv where they share no
 row with it (train.tsv holds val's sentences), for n-grams up to 1, 2 and 3 words. A fine-tuned model that only matches this line has learnt what the labelled
@@ -12,7 +12,7 @@ import collections
 import math
 import os
 
-from sst2_honest_split import read_rows
+from benchmarks.sst2_honest_split import read_rows
 
 
 def ngrams(text: str, n: int) -> set[str]:

@@ -1,7 +1,7 @@
 """What one compiled train step executes, and how long each kind of operation takes (a per-thunk profile).
 
-  python benchmarks/step_anatomy.py --config=configs/shakespeare_char.py
-  python benchmarks/step_anatomy.py --config=configs/gpt2_small.py --batch=8 --seq=128
+  python -m benchmarks.step_anatomy --config=configs/shakespeare_char.py
+  python -m benchmarks.step_anatomy --config=configs/gpt2_small.py --batch=8 --seq=128
 
 The step is the one `python -m gptjax.main` runs (`train.make_train_step`, the config's optimizer and model). It is
 timed over --steps calls, then --trace_steps calls run under `jax.profiler`: XLA:CPU records every thunk it executes
@@ -16,10 +16,7 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

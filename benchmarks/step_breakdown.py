@@ -1,15 +1,12 @@
 """Where a train step's time goes: forward, backward, LM head + loss, optimizer (an ablation profile).
 
-  python benchmarks/step_breakdown.py --config=configs/gpt2_small.py --batch=8 --seq=128
+  python -m benchmarks.step_breakdown --config=configs/gpt2_small.py --batch=8 --seq=128
 
 Each part is jitted and timed on its own (median of --steps runs); 'optimizer + rest' is the full step minus
 forward+backward. The LM head row times h -> logits -> cross-entropy and its gradients alone.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

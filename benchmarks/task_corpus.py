@@ -1,6 +1,6 @@
 """Writes the unlabelled pretraining text for the fine-tuning measurements (benchmarks/RESULTS.md).
 
-  python benchmarks/task_corpus.py --data=../shared/data --out=runs/task_corpus
+  python -m benchmarks.task_corpus --data=../shared/data --out=runs/task_corpus
 
 Only training splits are used, and only their text (no labels): CoNLL-2003 train sentences (words joined by
 spaces, one sentence a line), SST-2 train phrases (deduplicated), and tinyshakespeare. Dev sets stay unseen.

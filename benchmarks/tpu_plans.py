@@ -1,6 +1,6 @@
 """The README's "which config for which hardware" TPU rows, from the TPU compiler (libtpu, compile-only, any machine).
 
-  python benchmarks/tpu_plans.py [--sizes=small,medium,large,xl] [--tpus=v5e-1,v5e-8,v5p-8,v5p-64,v6e-8]
+  python -m benchmarks.tpu_plans [--sizes=small,medium,large,xl] [--tpus=v5e-1,v5e-8,v5p-8,v5p-64,v6e-8]
 
 For each GPT-2 size and accelerator type: the config's train step in bfloat16 with FSDP over every chip
 (mesh.data=1, mesh.fsdp=-1), planned by `gptjax.plan.plan_tpu` exactly as `python -m gptjax.plan --tpu=TYPE` plans

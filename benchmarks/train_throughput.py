@@ -1,17 +1,13 @@
 """Training throughput of one config's train step: tokens/s, step time, compile time, peak memory, MFU.
 
-  python benchmarks/train_throughput.py --config=configs/gpt2_small.py --batch=8 --seq=128 --peer
+  python -m benchmarks.train_throughput --config=configs/gpt2_small.py --batch=8 --seq=128 --peer
 
 MFU uses a matmul ceiling measured on this machine in the same run (vendor peak on TPU/GPU). With --peer,
 transformers' GPT2LMHeadModel (PyTorch, same shape, forward + backward + AdamW) is timed in the same run and
 peer_ratio = our tokens/s / theirs.
 """
 
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np

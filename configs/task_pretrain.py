@@ -1,6 +1,6 @@
 """The small base model the fine-tuning configs start from, pretrained on the tasks' unlabelled training text.
 
-  python benchmarks/task_corpus.py --data=../shared/data --out=runs/task_corpus
+  python -m benchmarks.task_corpus --data=../shared/data --out=runs/task_corpus
   python -m gptjax.main --config=configs/task_pretrain.py --workdir=runs/task_pretrain
 
 Cased BPE (capitalisation matters for NER); half the tokens are news (CoNLL-2003 train sentences), a quarter
