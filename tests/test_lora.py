@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptjax.finetune import classify, lora, tuning
+from gptjax.finetune import classify, lora
 from gptjax.model import GPT
 from tests.helpers import tiny_gpt
 

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gptjax import checkpoint, config as config_lib, loader, paths, sharding
-from gptjax.finetune import lora, tasks, tuning
+from gptjax.finetune import lora, tasks
 from gptjax.model import GPT, GPTConfig
 
 TASK_FILE = "task.json"
