@@ -97,11 +97,11 @@ def language_model(workdir: str, step: int | None = None, mesh=None):
   """(params, graphdef, tokenizer, step) of any model that writes text: a run, an export, 'hf:NAME', or an SFT
   fine-tuning run (its adapters folded in); a classification or NER model is refused."""
   from gptjax import checkpoint, loader, paths  # pylint: disable=import-outside-toplevel
-  from gptjax.finetune import store, tuning  # pylint: disable=import-outside-toplevel
+  from gptjax.finetune import store, tasks, tuning  # pylint: disable=import-outside-toplevel
   from gptjax.hf import HF_PREFIX  # pylint: disable=import-outside-toplevel
   if not workdir.startswith(HF_PREFIX) and paths.is_file(paths.join(workdir, "finetuned", store.TASK_FILE)):
     tuned = store.load(workdir, mesh)
-    if tuned.config.task.kind != "sft":
+    if not tasks.is_language_model(tuned.config.task):
       raise DataError(f"{workdir} holds a {tuned.config.task.kind} model, not a language model: the harness scores "
                       "text. Evaluate it on its task's data with --data, or pass the model it was fine-tuned from.")
     vocab = config_lib.check_vocab(tuned.base_config, tuned.tokenizer.vocab_size)

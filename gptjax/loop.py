@@ -142,7 +142,7 @@ def validate(config, n_devices: int) -> None:
     from gptjax.finetune import tasks  # pylint: disable=import-outside-toplevel
     tasks.validate(config, n_devices)
   if config.eval.harness_every:
-    if "task" in config and config.task.kind != "sft":
+    if "task" in config and not tasks.is_language_model(config.task):
       raise config_lib.ConfigError(f"eval.harness_tasks: a {config.task.kind} model is not a language model; the "
                                    "harness runs during pretraining and SFT only (set eval.harness_every=0).")
     try:

@@ -98,7 +98,7 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   def finish(state, step: int) -> tuple[dict, list[str]]:
     report, rows = final_rows
     params = tuning.merged_params(state["params"], frozen, lora_cfg)
-    if config.task.kind == "sft" and config.task.generate:
+    if tasks.is_language_model(config.task) and config.task.generate:
       prompts = [sft.prompt_text(c.turns[:-1]) for c in eval_examples[:config.task.generate]]
       responses = generate.generate_text(params, store.graphdef_of(model_cfg), tokenizer, prompts,
                                          config.task.generate_tokens, generate.Sampling(temperature=0.0),
@@ -138,9 +138,10 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
                                                              out_shardings=shardings, donate_argnums=0)(trainable),
              batches=batches, evaluate=evaluate, finish=finish,
              tokens=lambda batch: int(batch["tokens"].size) * jax.process_count(), steps=config.train.steps,
-             flops_per_token=_flops_per_token(model_cfg, base.params, config.task.kind, lora_cfg, max_len),
+             flops_per_token=_flops_per_token(model_cfg, base.params, tasks.is_language_model(config.task), lora_cfg,
+                                             max_len),
              description=description, frozen=frozen or None,
-             language_model=(None if config.task.kind != "sft" else lambda params: (
+             language_model=(None if not tasks.is_language_model(config.task) else lambda params: (
                  tuning.merged_params(params, frozen, lora_cfg), store.graphdef_of(model_cfg))),
              objective=tuning.objective(graphdef, functools.partial(task.loss, z_loss=t.z_loss), lora_cfg,
                                          config.lora.orth_reg_weight),
@@ -167,11 +168,11 @@ def _load_base(config, workdir: str, mesh, frozen: bool, resuming: bool):
   return base, record
 
 
-def _flops_per_token(model_cfg, params, kind: str, lora_cfg, seq: int) -> float:
+def _flops_per_token(model_cfg, params, language_model: bool, lora_cfg, seq: int) -> float:
   """Training FLOPs per token (for MFU): 6N + attention, without the LM head's matmul for the tasks that do not
   use it (classification, NER), and without the weight gradients (2N) of a frozen base under adapters."""
   n = count_params(params, exclude_position=True)
-  if kind != "sft":
+  if not language_model:
     n -= params["wte"]["embedding"].size
   return flops_per_token(model_cfg, n, seq) - (2 * n if lora_cfg is not None else 0)
 

@@ -19,9 +19,6 @@ from gptjax.config import ConfigError, data_parallel_degree, default_config
 from gptjax.data.corpus import parse_hf
 from gptjax.finetune import classify, hub, lora, ner, sft
 
-KINDS = ("classify", "ner", "sft")
-
-
 def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
   """Adds the documented `task` and `lora` sections to a config (in place) and returns it."""
   c.task = t = ml_collections.ConfigDict()
@@ -109,13 +106,11 @@ def add_task_config(c: ml_collections.ConfigDict, kind: str) -> ml_collections.C
 # The model fields a fine-tuning run chooses; the others are the base's (checkpoint.init_from) and must be left at
 # their defaults.
 RUN_MODEL_FIELDS = ("dtype", "attention", "remat", "row_groups")
-# The metric checkpoint.keep_best ranks a task's checkpoints by, and whether higher is better.
-RANKING = {"classify": ("eval_accuracy", True), "ner": ("eval_f1", True), "sft": ("eval_loss", False)}
 
 
 def ranking(task_cfg) -> tuple[str, bool]:
-  """(metric, higher is better) of the task's evaluation that ranks its checkpoints (checkpoint.keep_best)."""
-  return RANKING[task_cfg.kind]
+  """(metric, higher is better) that checkpoint.keep_best ranks a task's checkpoints by."""
+  return KINDS[task_cfg.kind].ranking
 
 
 def validate(config, n_devices: int) -> None:
@@ -124,7 +119,7 @@ def validate(config, n_devices: int) -> None:
   the run's steps) is left to `check_schedule`."""
   t = config.task
   if t.kind not in KINDS:
-    raise ConfigError(f"task.kind={t.kind!r}: choose one of {KINDS}.")
+    raise ConfigError(f"task.kind={t.kind!r}: choose one of {tuple(KINDS)}.")
   for field in ("train_path", "eval_path"):
     if not t[field]:
       raise ConfigError(f"task.{field} is empty; give the {field.split('_')[0]} file or 'hf:' dataset.")
@@ -233,29 +228,60 @@ def _sft_report(conversations, labels, data, per_row_N3, head):
   return {"conversations": len(conversations), **sft.metrics(per_row_N3)}, rows
 
 
+def _classify_task(task_cfg) -> Task:
+  return Task(read=lambda p: classify.read_examples(p, task_cfg.text_field or None, task_cfg.label_field),
+              label_vocab=classify.label_vocab, encode=classify.arrays,
+              init_head=lambda n_embd, n, key, data: classify.init_head(n_embd, n, key),
+              # Saved before pooling was a choice: no 'pool' field, the last token.
+              loss=functools.partial(classify.loss, pool=task_cfg.get("pool", "last")), report=_classify_report,
+              headline=("accuracy",), batch_keys=("tokens", "lengths", "labels"))
+
+
+def _ner_task(task_cfg) -> Task:
+  return Task(read=lambda p: ner.read_conll(p, task_cfg.words_field, task_cfg.tags_field),
+              label_vocab=ner.label_vocab,
+              encode=lambda tok, ex, labels, n: ner.encode(tok, ex, labels, n, task_cfg.echo, task_cfg.label_subword),
+              # Saved before the CRF existed: no 'crf' field, a plain head.
+              init_head=lambda n_embd, n_tags, key, data: ner.init_head(
+                  n_embd, n_tags, key, task_cfg.get("crf", False), None if data is None else data["labels"]),
+              loss=ner.loss, report=functools.partial(_ner_report, constrained=task_cfg.bio_decoding),
+              headline=("token_accuracy", "f1"), batch_keys=("tokens", "labels"), token_predictions=True)
+
+
+def _sft_task(task_cfg) -> Task:
+  return Task(read=lambda p: sft.read_conversations(p, task_cfg.prompt_field, task_cfg.response_field,
+                                                    task_cfg.messages_field),
+              label_vocab=lambda examples: [], encode=lambda tok, ex, labels, n: sft.encode(tok, ex, n),
+              init_head=lambda n_embd, n_labels, key, data: {}, loss=sft.loss, report=_sft_report,
+              headline=("loss", "token_accuracy"), batch_keys=("tokens", "targets"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """A kind of fine-tuning task (`task.kind`): its Task from the config's `task` section, and what the loop asks."""
+  make: Callable[..., Task]  # (task section) -> Task
+  ranking: tuple[str, bool]  # the evaluation metric checkpoint.keep_best ranks by, and whether higher is better
+  language_model: bool  # the model keeps its LM head: it generates, and the harness can evaluate it
+
+
+# task.kind -> its kind: validation, the loop, evaluation and the tools read this table.
+KINDS = {
+    "classify": Kind(_classify_task, ranking=("eval_accuracy", True), language_model=False),
+    "ner": Kind(_ner_task, ranking=("eval_f1", True), language_model=False),
+    "sft": Kind(_sft_task, ranking=("eval_loss", False), language_model=True),
+}
+
+
 def make_task(task_cfg) -> Task:
   """The Task of a config's `task` section."""
-  if task_cfg.kind == "classify":
-    return Task(lambda p: classify.read_examples(p, task_cfg.text_field or None, task_cfg.label_field),
-                classify.label_vocab, classify.arrays, lambda n_embd, n, key, data: classify.init_head(n_embd, n, key),
-                # Saved before pooling was a choice: no 'pool' field, the last token.
-                functools.partial(classify.loss, pool=task_cfg.get("pool", "last")), _classify_report,
-                ("accuracy",), ("tokens", "lengths", "labels"))
-  if task_cfg.kind == "ner":
-    return Task(lambda p: ner.read_conll(p, task_cfg.words_field, task_cfg.tags_field), ner.label_vocab,
-                lambda tok, ex, labels, n: ner.encode(tok, ex, labels, n, task_cfg.echo, task_cfg.label_subword),
-                # Saved before the CRF existed: no 'crf' field, a plain head.
-                lambda n_embd, n_tags, key, data: ner.init_head(n_embd, n_tags, key, task_cfg.get("crf", False),
-                                                                 None if data is None else data["labels"]),
-                ner.loss, functools.partial(_ner_report, constrained=task_cfg.bio_decoding),
-                ("token_accuracy", "f1"), ("tokens", "labels"), token_predictions=True)
-  if task_cfg.kind == "sft":
-    return Task(lambda p: sft.read_conversations(p, task_cfg.prompt_field, task_cfg.response_field,
-                                                 task_cfg.messages_field),
-                lambda examples: [], lambda tok, ex, labels, n: sft.encode(tok, ex, n),
-                lambda n_embd, n_labels, key, data: {}, sft.loss, _sft_report, ("loss", "token_accuracy"),
-                ("tokens", "targets"))
-  raise ConfigError(f"task.kind={task_cfg.kind!r}: choose one of {KINDS}.")
+  if task_cfg.kind not in KINDS:
+    raise ConfigError(f"task.kind={task_cfg.kind!r}: choose one of {tuple(KINDS)}.")
+  return KINDS[task_cfg.kind].make(task_cfg)
+
+
+def is_language_model(task_cfg) -> bool:
+  """Whether a task's model is a language model (SFT), not a classifier or tagger."""
+  return KINDS[task_cfg.kind].language_model
 
 
 def write_report(out_dir: str, report: dict, rows: list[dict]) -> None:
