@@ -28,9 +28,14 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 def default_config() -> ml_collections.ConfigDict:
   """GPT-2 small (124M) trained on the built-in offline corpus; other configs override this."""
-  c = ml_collections.ConfigDict()
+  return ml_collections.ConfigDict({name: section() for name, section in (
+      ("model", _model_section), ("data", _data_section), ("train", _train_section), ("eval", _eval_section),
+      ("mesh", _mesh_section), ("checkpoint", _checkpoint_section), ("log", _log_section))})
 
-  c.model = m = ml_collections.ConfigDict()
+
+def _model_section() -> ml_collections.ConfigDict:
+  """The model: shape, dtype, attention kernel, remat, dropout."""
+  m = ml_collections.ConfigDict()
   # Transformer depth (number of blocks).
   m.n_layer = 12
   # Attention heads per block; n_embd must be a multiple of it.
@@ -68,8 +73,12 @@ def default_config() -> ml_collections.ConfigDict:
   # operations are too small to use every core on their own (the baby GPT on a 2-core CPU, not GPT-2 small:
   # benchmarks/RESULTS.md). 1 = off; a batch that row_groups does not divide uses their greatest common divisor.
   m.row_groups = 1
+  return m
 
-  c.data = d = ml_collections.ConfigDict()
+
+def _data_section() -> ml_collections.ConfigDict:
+  """The corpus, its tokenizer and its token files."""
+  d = ml_collections.ConfigDict()
   # Training data: a file, a directory or a glob of text/JSONL/Parquet files or of nanoGPT/llm.c token files;
   # 'hf:NAME[:CONFIG][@SPLIT]' = a Hugging Face dataset, streamed; '' = the built-in offline corpus (Python's docs).
   d.path = ""
@@ -99,8 +108,12 @@ def default_config() -> ml_collections.ConfigDict:
   d.cache_dir = ""
   # Grain worker processes for batch assembly (0 = in the main process).
   d.num_workers = 0
+  return d
 
-  c.train = t = ml_collections.ConfigDict()
+
+def _train_section() -> ml_collections.ConfigDict:
+  """The optimizer, its schedule, batches and the guards of the steps."""
+  t = ml_collections.ConfigDict()
   # Optimizer steps to run.
   t.steps = 5000
   # Global batch in sequences per optimizer step (across all devices and micro-batches).
@@ -148,8 +161,12 @@ def default_config() -> ml_collections.ConfigDict:
   # PaLM's z-loss: z_loss * log(Z)^2 added to the loss per token (softmax normaliser Z of the LM head, or of a
   # task's classes), keeping logits from drifting; 0 = off (PaLM: 1e-4).
   t.z_loss = 0.0
+  return t
 
-  c.eval = ev = ml_collections.ConfigDict()
+
+def _eval_section() -> ml_collections.ConfigDict:
+  """lm-evaluation-harness tasks during training."""
+  ev = ml_collections.ConfigDict()
   # lm-evaluation-harness tasks run on the live parameters during pretraining and SFT (comma-separated harness task
   # names, e.g. 'hellaswag'; the eval extra); logged as harness/<task>/<metric>. '' = none.
   ev.harness_tasks = ""
@@ -161,16 +178,24 @@ def default_config() -> ml_collections.ConfigDict:
   ev.harness_include_path = ""
   # Requests scored or decoded per batch.
   ev.harness_batch_size = 16
+  return ev
 
-  c.mesh = mesh = ml_collections.ConfigDict()
+
+def _mesh_section() -> ml_collections.ConfigDict:
+  """The device mesh and the logical-axis rules."""
+  mesh = ml_collections.ConfigDict()
   # Device-mesh degrees; their product must equal the device count. -1 = all remaining devices.
   mesh.data = -1
   mesh.fsdp = 1
   mesh.tensor = 1
   # Logical-axis -> mesh-axis rules (see DEFAULT_RULES).
   mesh.rules = DEFAULT_RULES
+  return mesh
 
-  c.checkpoint = ck = ml_collections.ConfigDict()
+
+def _checkpoint_section() -> ml_collections.ConfigDict:
+  """Checkpoints: how often, how many, from where a run starts."""
+  ck = ml_collections.ConfigDict()
   # Save every this many steps (and always at the end, on SIGTERM/SIGINT, and on a non-finite stop); 0 = only then.
   ck.every_steps = 1000
   # How many recent checkpoints to keep.
@@ -182,8 +207,12 @@ def default_config() -> ml_collections.ConfigDict:
   # Start a new run from these weights (a run's workdir or an exported model); ignored when the workdir
   # already has checkpoints, which are resumed instead.
   ck.init_from = ""
+  return ck
 
-  c.log = lg = ml_collections.ConfigDict()
+
+def _log_section() -> ml_collections.ConfigDict:
+  """Metrics, samples and profiles."""
+  lg = ml_collections.ConfigDict()
   # Log training metrics every this many steps.
   lg.every_steps = 10
   # Write TensorBoard event files next to metrics.jsonl.
@@ -201,7 +230,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Profile tab; needs `pip install tensorboard-plugin-profile`); '' = no trace. Process 0 only: in a
   # multi-host step every process waits on the same collectives, so one host's timeline shows the step.
   lg.profile_steps = ""
-  return c
+  return lg
 
 
 class ConfigError(UserError, ValueError):
