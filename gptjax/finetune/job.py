@@ -38,28 +38,12 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   train_examples = task.read(config.task.train_path)
   eval_examples = task.read(config.task.eval_path)
   t = config.train
-  steps_per_epoch = math.ceil(len(train_examples) / t.batch_size)
-  config = config.copy_and_resolve_references()
-  if config.task.epochs:
-    config.train.steps = math.ceil(config.task.epochs * steps_per_epoch)
-  tasks.check_schedule(config, config.train.steps)
-  # train.eval_every: the task's metrics every N steps; 0 = after every epoch.
-  config.train.eval_every = t.eval_every or steps_per_epoch
+  config, steps_per_epoch = _schedule(config, len(train_examples))
   lora_cfg = lora.LoraConfig.of(config.lora)
   # Loaded on resumes too: the frozen part, or the shapes of the trained one.
   base, base_record = _load_base(config, workdir, mesh, frozen=lora_cfg is not None, resuming=resuming)
-  # The model is the base's; the compute dtype, the attention kernel and remat are this run's speed/memory choices
-  # ('qkv_fc' keeps LoRA at 0.43x the memory of full fine-tuning, benchmarks/RESULTS.md; bfloat16 is what a TPU or
-  # GPU computes fast).
   tokenizer = base.tokenizer
-  model_cfg = dataclasses.replace(base.model_cfg, **{k: config.model[k] for k in tasks.RUN_MODEL_FIELDS})
-  max_len = config.task.max_len or model_cfg.block_size
-  if max_len > model_cfg.block_size:
-    raise config_lib.ConfigError(f"task.max_len={max_len} exceeds the base model's block_size "
-                                 f"{model_cfg.block_size}; lower it (0 = block_size).")
-  # 'auto' attention resolved once for this device and every batch length: a fused kernel that does not compile
-  # falls back to 'xla'.
-  model_cfg = model_cfg.for_device(mesh, tuning.bucket_lengths(max_len), config.mesh.rules)
+  model_cfg, max_len = _run_model(config, base.model_cfg, mesh)
 
   labels = task.label_vocab(train_examples)
   train_data = task.encode(tokenizer, train_examples, labels, max_len)
@@ -76,14 +60,8 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
   # The head and adapters are small: replicated on the mesh (the base keeps its sharding).
   replicated = sharding.replicated(mesh)
   trainable = {k: v if k == "base" else jax.device_put(v, replicated) for k, v in trainable.items()}
-  tx = train.make_optimizer(config)
-  if lora_cfg is not None and lora_cfg.method == "adalora":
-    tx = adalora.allocator(tx, config, trainable["lora"])
-  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
-  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+  tx, abstract, shardings = _train_state(config, trainable, lora_cfg, mesh)
   window = train.spike_window(config)
-  shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh, window)
-  abstract = jax.eval_shape(lambda p: train.new_state(p, tx, window), abstract_params)
 
   predict = tuning.make_predict(store.graphdef_of(run_cfg), task.loss, lora_cfg, mesh, config.mesh.rules)
   final_rows = []
@@ -147,6 +125,42 @@ def build(config, workdir: str, mesh, resuming: bool) -> Job:
                                          config.lora.orth_reg_weight),
              frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen) if frozen else None,
              use_dropout=dropout > 0)
+
+
+def _schedule(config, n_examples: int):
+  """(config with train.steps from task.epochs and train.eval_every 0 -> every epoch, steps per epoch)."""
+  steps_per_epoch = math.ceil(n_examples / config.train.batch_size)
+  config = config.copy_and_resolve_references()
+  if config.task.epochs:
+    config.train.steps = math.ceil(config.task.epochs * steps_per_epoch)
+  tasks.check_schedule(config, config.train.steps)
+  config.train.eval_every = config.train.eval_every or steps_per_epoch
+  return config, steps_per_epoch
+
+
+def _run_model(config, base_model_cfg, mesh):
+  """(the model as this run computes it, task.max_len resolved). The model is the base's; the compute dtype, the
+  attention kernel and remat are this run's speed/memory choices ('qkv_fc' keeps LoRA at 0.43x the memory of full
+  fine-tuning, benchmarks/RESULTS.md; bfloat16 is what a TPU or GPU computes fast). 'auto' attention is resolved
+  once for this device and every batch length: a fused kernel that does not compile falls back to 'xla'."""
+  model_cfg = dataclasses.replace(base_model_cfg, **{k: config.model[k] for k in tasks.RUN_MODEL_FIELDS})
+  max_len = config.task.max_len or model_cfg.block_size
+  if max_len > model_cfg.block_size:
+    raise config_lib.ConfigError(f"task.max_len={max_len} exceeds the base model's block_size "
+                                 f"{model_cfg.block_size}; lower it (0 = block_size).")
+  return model_cfg.for_device(mesh, tuning.bucket_lengths(max_len), config.mesh.rules), max_len
+
+
+def _train_state(config, trainable: dict, lora_cfg, mesh):
+  """(optimizer, abstract train state, its shardings) of what is trained, placed as `trainable` is."""
+  tx = train.make_optimizer(config)
+  if lora_cfg is not None and lora_cfg.method == "adalora":
+    tx = adalora.allocator(tx, config, trainable["lora"])
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+  window = train.spike_window(config)
+  return tx, jax.eval_shape(lambda p: train.new_state(p, tx, window), abstract_params), train.state_shardings(
+      tx, abstract_params, param_shardings, mesh, window)
 
 
 def _load_base(config, workdir: str, mesh, frozen: bool, resuming: bool):
