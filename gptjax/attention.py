@@ -18,7 +18,6 @@ batched dots then read the cache as it is stored. With [B, N, S, H], XLA:CPU res
 cache update and the dot and so copies the whole cache for every token (benchmarks/RESULTS.md, decoding).
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -32,28 +31,6 @@ from gptjax import config as config_lib, sharding
 
 QUERY_BLOCK = 128
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the (padded) sequence; Mosaic needs multiples of 128
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-  """An attention kernel `model.attention` may name (its implementation: `causal_attention`)."""
-  description: str
-  # One custom call that may not compile for every shape on the device: 'auto' probes it and falls back to 'xla'.
-  fused: bool
-  only_on: tuple[str, ...] = ()  # the platforms it runs on when not all: its own, then 'cpu' for tests (interpret)
-  custom_call: str = ""  # the custom call that shows it in a lowered program, and how the planner names it
-  lowered_as: str = ""
-
-
-# model.attention's kernels: validation, 'auto', the fallback and the planner read this table.
-KERNELS = {
-    "xla": Kernel("XLA attention (jax.nn.dot_product_attention)", fused=False),
-    "causal_blocks": Kernel("XLA attention over causal query blocks", fused=False),
-    "cudnn": Kernel("cuDNN fused attention", fused=True, custom_call="__cudnn$fmha",
-                    lowered_as="cudnn (cuDNN fused-attention custom call)"),
-    "pallas": Kernel("Pallas splash attention", fused=True, only_on=("tpu", "cpu"), custom_call="tpu_custom_call",
-                     lowered_as="pallas splash (Mosaic tpu_custom_call)"),
-}
 
 
 def device_platform() -> str:
@@ -73,7 +50,8 @@ def resolve(implementation: str, dtype, platform: str = "") -> str:
   """The kernel for `platform` (default: this process's): 'auto' -> splash attention on TPUs, cuDNN's fused
   kernel on NVIDIA GPUs in half precision, else 'causal_blocks'."""
   platform = platform or device_platform()
-  only_on = KERNELS[implementation].only_on if implementation in KERNELS else ()
+  known = config_lib.ATTENTION_KERNELS.get(implementation)
+  only_on = known.only_on if known else ()
   if only_on and platform not in only_on:
     raise config_lib.ConfigError(
         f"model.attention={implementation!r} is a {only_on[0].upper()} kernel and the platform is {platform!r}: set "
@@ -97,7 +75,7 @@ def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh
   """
   platform = mesh_platform(mesh)
   kernel = resolve(implementation, dtype, platform)
-  if implementation != "auto" or not KERNELS[kernel].fused:
+  if implementation != "auto" or not config_lib.ATTENTION_KERNELS[kernel].fused:
     return kernel
   if kernel == "pallas":  # splash pads the sequence: one probe per padded length (with its longest T)
     lengths = {_splash_length(T): T for T in sorted(lengths)}.values()
@@ -110,8 +88,8 @@ def choose(implementation: str, dtype, n_head: int, head_dim: int, lengths, mesh
       logging.warning("model.attention='auto' picked %s (%r), which does not compile on this %s device for "
                       "sequence length %d, %d heads of size %d, %s (batch %d, one row per data-parallel shard): "
                       "%s: %s. Continuing with model.attention='xla'; set it explicitly to skip this check.",
-                      KERNELS[kernel].description, kernel, platform, T, n_head, head_dim, jnp.dtype(dtype).name, batch,
-                      type(e).__name__, error)
+                      config_lib.ATTENTION_KERNELS[kernel].description, kernel, platform, T, n_head, head_dim,
+                      jnp.dtype(dtype).name, batch, type(e).__name__, error)
       return "xla"
   return kernel
 

@@ -4,6 +4,7 @@ Config files in `configs/` start from `default_config()` and change what they ne
 overridden on the command line: `--config.train.steps=100`.
 """
 
+import dataclasses
 import math
 
 import ml_collections
@@ -24,6 +25,28 @@ DEFAULT_RULES = (
 )
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernel:
+  """An attention kernel `model.attention` may name (its implementation: gptjax.attention.causal_attention)."""
+  description: str
+  # One custom call that may not compile for every shape on the device: 'auto' probes it and falls back to 'xla'.
+  fused: bool
+  only_on: tuple[str, ...] = ()  # the platforms it runs on when not all: its own, then 'cpu' for tests (interpret)
+  custom_call: str = ""  # the custom call that shows it in a lowered program, and how the planner names it
+  lowered_as: str = ""
+
+
+# model.attention's kernels: validation, gptjax.attention ('auto', the fallback) and the planner read this table.
+ATTENTION_KERNELS = {
+    "xla": AttentionKernel("XLA attention (jax.nn.dot_product_attention)", fused=False),
+    "causal_blocks": AttentionKernel("XLA attention over causal query blocks", fused=False),
+    "cudnn": AttentionKernel("cuDNN fused attention", fused=True, custom_call="__cudnn$fmha",
+                             lowered_as="cudnn (cuDNN fused-attention custom call)"),
+    "pallas": AttentionKernel("Pallas splash attention", fused=True, only_on=("tpu", "cpu"),
+                              custom_call="tpu_custom_call", lowered_as="pallas splash (Mosaic tpu_custom_call)"),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,7 +79,7 @@ def _model_section() -> ml_collections.ConfigDict:
   m.ln_eps = 1e-5
   # Activation/matmul dtype: 'float32' (CPU) or 'bfloat16' (TPU/GPU). Master weights are always float32.
   m.dtype = "float32"
-  # Attention kernel (the table: gptjax.attention.KERNELS): 'xla' or 'cudnn' (NVIDIA GPUs, bf16/fp16) for
+  # Attention kernel (the table: ATTENTION_KERNELS above): 'xla' or 'cudnn' (NVIDIA GPUs, bf16/fp16) for
   # jax.nn.dot_product_attention;
   # 'causal_blocks' (XLA, skips fully masked key blocks: the fastest on CPU at long contexts, benchmarks/RESULTS.md);
   # 'pallas' (TPU: the Pallas splash-attention kernel; on CPU it runs in Pallas interpret mode, for tests only);
@@ -300,11 +323,10 @@ def validate(config, n_devices: int) -> None:
     raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1).")
   if m.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
-  from gptjax import attention  # pylint: disable=import-outside-toplevel  # it imports this module
-  if m.attention not in ("auto", *attention.KERNELS):
+  if m.attention not in ("auto", *ATTENTION_KERNELS):
     raise ConfigError(f"model.attention={m.attention!r}: use 'auto' or one of " + ", ".join(
         f"'{name}' ({k.description}{', ' + ' or '.join(k.only_on) if k.only_on else ''})"
-        for name, k in attention.KERNELS.items()) + ".")
+        for name, k in ATTENTION_KERNELS.items()) + ".")
   if m.remat not in ("none", "full", "dots", "qkv_fc"):
     raise ConfigError(f"model.remat={m.remat!r}: use 'none', 'full', 'dots' or 'qkv_fc'.")
   if m.row_groups <= 0:

@@ -171,7 +171,7 @@ def lower(step, platform: str, *args) -> jax.export.Exported:
 def attention_as_lowered(exported: jax.export.Exported) -> str:
   """Which attention kernel a lowered program holds, read from its custom calls."""
   text = exported.mlir_module()
-  return next((k.lowered_as for k in attention.KERNELS.values() if k.custom_call and k.custom_call in text),
+  return next((k.lowered_as for k in config_lib.ATTENTION_KERNELS.values() if k.custom_call and k.custom_call in text),
               "XLA ops (no fused-attention custom call)")
 
 
